@@ -1,0 +1,146 @@
+"""Shared benchmark harness: timing, steady-state peak memory, the machine's matmul peak,
+subprocess isolation per measurement, and JSON + markdown output (atomically written).
+
+Every measured case runs in its own fresh process, so one method's allocator state,
+compiled caches or thread pools cannot bias another's memory reading.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def hwm_bytes() -> int:
+    """Peak resident set size since the last :func:`reset_hwm` (Linux VmHWM)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], None], reps: int, device: str = "cpu") -> Dict[str, float]:
+    """Median / p20 / p80 seconds of ``fn`` over ``reps`` runs (after the caller's warm-up)."""
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
+    return {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8), "reps": reps}
+
+
+def peak_matmul_gflops(device: str = "cpu", reps: int = 5) -> float:
+    """Measured fp32 matmul rate with a preallocated output (GFLOP/s), the floor's unit."""
+    best = 0.0
+    for m, k, n in ((1024, 1024, 1024), (512, 576, 4096), (2048, 576, 8192)):
+        a = torch.randn(m, k, device=device)
+        b = torch.randn(k, n, device=device)
+        out = torch.empty(m, n, device=device)
+        torch.mm(a, b, out=out)
+        t = time_fn(lambda: torch.mm(a, b, out=out), reps, device)["median"]
+        best = max(best, 2 * m * k * n / t / 1e9)
+    return best
+
+
+# ------------------------------------------------------------------------ machinery
+
+
+def machine() -> Dict[str, str]:
+    info = {
+        "host_cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": _dt.date.today().isoformat(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            if m:
+                info["host_cpu"] = m.group(1).strip()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_worker(script: Path, args: List[str], timeout: int = 3600) -> dict:
+    """Runs ``python script --worker args...`` in a fresh process; returns its last JSON line."""
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    atomic_write(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write(RESULTS / f"{name}.md", markdown)
+
+
+def md_table(headers: List[str], rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def fmt(x: Optional[float], spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)

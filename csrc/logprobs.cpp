@@ -1,0 +1,490 @@
+// Fused linear -> per-token log-prob (and logsumexp / entropy) on CPU, and its backward.
+// Same math and signature as dpo_fast/kernels/logprobs_torch.py (the twin); see its docstring.
+//
+// Layout of the work (both passes): the valid rows are gathered (as fp32; fp32 input with no
+// skipped row is used in place) in token blocks of TB rows. Inside a block the vocabulary is cut into tiles of Vc columns and the tiles into P
+// contiguous groups, one per OpenMP thread; each thread walks its tiles, and for each tile the
+// block's rows in chunks of T, so a [T, Vc] fp32 logits tile and the [Vc, D] weight tile stay
+// in that core's cache. Each thread calls single-threaded MKL GEMMs (inside an OpenMP region
+// MKL does not spawn threads) on its own tiles, so GEMMs and the vectorized row passes of the
+// two cores overlap with no barrier per tile.
+//   forward : per row and group an online (max, sum e, sum e*(z-max)) state, merged at the end;
+//             lse is returned with its rounding residual lse_lo (see the twin's docstring).
+//   backward: dW tiles belong to one group (written in place, K = T per chunk); dh is summed
+//             over groups from per-group [TB, D] partials in a fixed order.
+// Every reduction order depends only on the shapes and the thread count: bitwise
+// deterministic run to run. Extra memory: the [TB, D] partials and tiles, never [N, V]; TB keeps
+// it near 1.2% of the [N, V] fp32 logits (fp16/bf16 may use a single block instead, see below).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <Python.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace dpo_fast_cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  int64_t v = std::atoll(s);
+  return v > 0 ? v : dflt;
+}
+
+// Tile sizes (tuning knobs, read once): a [512, 512] fp32 logits tile is 1 MiB and a [512, D]
+// weight tile 1.2 MiB at D = 576, about one core's 2 MiB L2. Timings on the 2-core Zen4 dev
+// box were flat (within noise) from [256, 1024] to [1024, 512].
+struct TileSizes {
+  int64_t tokens, vocab;
+};
+const TileSizes& tile_sizes() {
+  static const TileSizes t{env_int("DPO_FAST_CPU_TOKEN_TILE", 512),
+                           env_int("DPO_FAST_CPU_VOCAB_TILE", 512)};
+  return t;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct VocabPlan {
+  int64_t vc;      // tile width
+  int64_t ntiles;  // non-empty tiles
+  int groups;      // = threads; group g owns tiles [g * ntiles / groups, (g+1) * ntiles / groups)
+  int64_t tile_begin(int g) const { return g * ntiles / groups; }
+  int64_t tile_end(int g) const { return (g + 1) * ntiles / groups; }
+};
+
+VocabPlan plan_vocab(int64_t vocab, int64_t vc_target, int groups) {
+  // A multiple of `groups` tiles so that every core gets the same number of columns.
+  int64_t nt = ceil_div(std::max<int64_t>(ceil_div(vocab, vc_target), 1), groups) * groups;
+  int64_t vc = ceil_div(ceil_div(vocab, nt), kLanes) * kLanes;
+  return VocabPlan{vc, ceil_div(vocab, vc), groups};
+}
+
+// Rows per token block: bounded so the per-block scratch stays ~1.2% of an [n, V] fp32 logits
+// tensor (the memory a full-logits head would use).
+int64_t plan_block(int64_t n, int64_t vocab, int64_t bytes_per_row, int64_t chunk) {
+  double budget = std::max(0.012 * double(n) * double(vocab) * 4.0, double(4 << 20));
+  int64_t tb = int64_t(budget / double(std::max<int64_t>(bytes_per_row, 1)));
+  tb = std::max(chunk, tb / chunk * chunk);
+  return std::min(tb, n);
+}
+
+at::Tensor fview(const float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// c = a @ b, or c += a @ b (single-threaded BLAS when called inside the OpenMP region).
+void gemm(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    at::addmm_out(c, c, a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+template <typename scalar_t>
+void gather_rows_impl(float* dst, const scalar_t* src, const int64_t* rows, int64_t i0, int64_t i1,
+                      int64_t d) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const scalar_t* s = src + rows[i] * d;
+    float* o = dst + (i - i0) * d;
+    for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(s[k]);
+  }
+}
+
+// dst[i - i0, :] = float(hidden[rows[i], :]) for i in [i0, i1); call inside an OpenMP region.
+void gather_rows(float* dst, const at::Tensor& hidden, const int64_t* rows, int64_t i0, int64_t i1) {
+  const int64_t d = hidden.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "gather_rows", [&] {
+    const scalar_t* src = hidden.const_data_ptr<scalar_t>();
+    _Pragma("omp for schedule(static)")
+    for (int64_t i = i0; i < i1; ++i) gather_rows_impl(dst + (i - i0) * d, src, rows, i, i + 1, d);
+  });
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "dpo_fast_cpu: CPU tensors expected");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "dpo_fast_cpu: hidden [N, D] and weight [V, D] expected, got ", hidden.sizes(),
+              " and ", weight.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "dpo_fast_cpu: fp32, fp16 or bf16 expected, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "dpo_fast_cpu: hidden and weight dtypes differ");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
+                  targets.scalar_type() == at::kLong,
+              "dpo_fast_cpu: targets must be int64 [N]");
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "dpo_fast_cpu: bias must be [V]");
+  }
+}
+
+// Indices of rows with targets != ignore_index (and, when keep is given, keep(i) true).
+template <typename Keep>
+std::vector<int64_t> select_rows(const at::Tensor& targets, int64_t ignore_index, int64_t vocab,
+                                 Keep keep) {
+  const int64_t* t = targets.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows;
+  rows.reserve(targets.size(0));
+  for (int64_t i = 0; i < targets.size(0); ++i) {
+    if (t[i] == ignore_index) continue;
+    TORCH_CHECK(t[i] >= 0 && t[i] < vocab, "dpo_fast_cpu: target ", t[i], " at position ", i,
+                " is outside [0, ", vocab, ")");
+    if (keep(i)) rows.push_back(i);
+  }
+  return rows;
+}
+
+RowMap make_map(const float* bias, std::optional<double> softcap, double inv_temperature) {
+  RowMap mp{};
+  mp.bias = bias;
+  mp.softcap = softcap.has_value();
+  mp.cap = mp.softcap ? float(*softcap) : 1.0f;
+  mp.inv_cap = mp.softcap ? float(1.0 / *softcap) : 1.0f;
+  mp.inv_temp = float(inv_temperature);
+  return mp;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets_in, int64_t ignore_index, std::optional<double> softcap,
+    double inv_temperature, bool with_entropy) {
+  check_inputs(hidden_in, weight_in, bias, targets_in);
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::zeros({n}, f32);
+  at::Tensor lse = at::zeros({n}, f32);
+  at::Tensor ent = at::zeros({with_entropy ? n : 0}, f32);
+  at::Tensor lse_lo = at::zeros({n}, f32);
+
+  const std::vector<int64_t> rows =
+      select_rows(targets, ignore_index, vocab, [](int64_t) { return true; });
+  const int64_t nv = int64_t(rows.size());
+  if (nv == 0 || vocab == 0) return {logp, lse, ent, lse_lo};
+
+  const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_p = bias ? bias32.const_data_ptr<float>() : nullptr;
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const bool w_f32 = weight.scalar_type() == at::kFloat;
+
+  const int groups = std::max(1, at::get_num_threads());
+  const TileSizes& ts = tile_sizes();
+  const int64_t chunk = ts.tokens;
+  const VocabPlan vp = plan_vocab(vocab, ts.vocab, groups);
+  const bool direct = hidden.scalar_type() == at::kFloat && nv == n;  // use hidden in place
+  const int64_t tb = direct ? nv : plan_block(nv, vocab, d * 4, chunk);
+
+  at::Tensor hbuf = at::empty({direct ? 0 : tb * d}, f32);
+  at::Tensor zbuf = at::empty({groups * chunk * vp.vc}, f32);
+  at::Tensor wbuf = at::empty({w_f32 ? 0 : groups * vp.vc * d}, f32);
+  // Per group and row: running max, sum exp(z - max), sum exp(z - max) * (z - max).
+  at::Tensor state = at::empty({3 * groups * tb}, f32);
+  at::Tensor ztgt = at::empty({tb}, f32);
+
+  float* logp_p = logp.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  float* ent_p = with_entropy ? ent.data_ptr<float>() : nullptr;
+  float* lo_p = lse_lo.data_ptr<float>();
+  float* st_m = state.data_ptr<float>();
+  float* st_s = st_m + groups * tb;
+  float* st_u = st_s + groups * tb;
+  float* zt = ztgt.data_ptr<float>();
+
+  for (int64_t b0 = 0; b0 < nv; b0 += tb) {
+    const int64_t nb = std::min(tb, nv - b0);
+    const float* hb = direct ? hidden.const_data_ptr<float>() + b0 * d : hbuf.data_ptr<float>();
+    std::fill(st_m, st_m + groups * tb, kNegInf);
+    std::fill(st_s, st_s + 2 * groups * tb, 0.0f);
+#pragma omp parallel num_threads(groups)
+    {
+      at::AutoDispatchBelowADInplaceOrView no_autograd;
+      if (!direct) gather_rows(hbuf.data_ptr<float>(), hidden, rows.data(), b0, b0 + nb);
+      const int nth = omp_get_num_threads();
+      for (int g = omp_get_thread_num(); g < groups; g += nth) {
+        float* z = zbuf.data_ptr<float>() + int64_t(g) * chunk * vp.vc;
+        float* m_g = st_m + int64_t(g) * tb;
+        float* s_g = st_s + int64_t(g) * tb;
+        float* u_g = st_u + int64_t(g) * tb;
+        for (int64_t j = vp.tile_begin(g); j < vp.tile_end(g); ++j) {
+          const int64_t v0 = j * vp.vc, w = std::min(vp.vc, vocab - v0);
+          const float* wt;
+          if (w_f32) {
+            wt = weight.const_data_ptr<float>() + v0 * d;
+          } else {
+            float* wb = wbuf.data_ptr<float>() + int64_t(g) * vp.vc * d;
+            fview(wb, w, d).copy_(weight.narrow(0, v0, w));
+            wt = wb;
+          }
+          const at::Tensor wt_t = fview(wt, w, d).t();
+          const RowMap mp = make_map(bias_p ? bias_p + v0 : nullptr, softcap, inv_temperature);
+          for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
+            const int64_t m = std::min(chunk, nb - c0);
+            gemm(fview(z, m, w), fview(hb + c0 * d, m, d), wt_t, false);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = c0 + r;
+              float* zr = z + r * w;
+              const float tile_max = map_row_max(zr, w, mp);
+              const int64_t tl = tgt[rows[b0 + i]] - v0;
+              if (tl >= 0 && tl < w) zt[i] = zr[tl];
+              const float m_old = m_g[i];
+              const float m_new = std::max(m_old, tile_max);
+              float s_t, u_t;
+              exp_sums(zr, w, m_new, with_entropy, &s_t, &u_t);
+              if (m_old == kNegInf) {
+                s_g[i] = s_t;
+                u_g[i] = u_t;
+              } else {
+                // Re-reference the running sums from m_old to m_new.
+                const float a = std::exp(m_old - m_new);
+                u_g[i] = a * (u_g[i] + (m_old - m_new) * s_g[i]) + u_t;
+                s_g[i] = a * s_g[i] + s_t;
+              }
+              m_g[i] = m_new;
+            }
+          }
+        }
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < nb; ++i) {
+        float big = kNegInf;
+        for (int g = 0; g < groups; ++g)
+          if (st_s[int64_t(g) * tb + i] > 0.0f) big = std::max(big, st_m[int64_t(g) * tb + i]);
+        float s = 0.0f, u = 0.0f;
+        for (int g = 0; g < groups; ++g) {
+          const int64_t k = int64_t(g) * tb + i;
+          if (!(st_s[k] > 0.0f)) continue;
+          const float a = std::exp(st_m[k] - big);
+          s += a * st_s[k];
+          u += a * (st_u[k] + (st_m[k] - big) * st_s[k]);
+        }
+        const float log_s = std::log(s);
+        const int64_t row = rows[b0 + i];
+        const float l = big + log_s;
+        const float bb = l - big;  // TwoSum: l + lse_lo == big + log_s exactly
+        lse_p[row] = l;
+        lo_p[row] = (big - (l - bb)) + (log_s - bb);
+        logp_p[row] = (zt[i] - big) - log_s;
+        if (ent_p) ent_p[row] = log_s - u / s;  // H = lse - E[z], referenced to the max
+      }
+    }
+  }
+  return {logp, lse, ent, lse_lo};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets_in, const at::Tensor& lse_in, const at::Tensor& lse_lo_in,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
+    int64_t ignore_index, std::optional<double> softcap, double inv_temperature) {
+  check_inputs(hidden_in, weight_in, bias, targets_in);
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  auto as_f32 = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
+    if (!t || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->numel() == n, "dpo_fast_cpu: ", name, " must have N = ", n, " elements");
+    return t->to(at::kFloat).contiguous().view({n});
+  };
+  const at::Tensor g_lp = as_f32(grad_logp, "grad_logp");
+  const at::Tensor g_lse = as_f32(grad_lse, "grad_lse");
+  const at::Tensor g_ent = as_f32(grad_entropy, "grad_entropy");
+  const bool use_ent = g_ent.defined();
+  const at::Tensor lse = as_f32(lse_in, "lse");
+  const at::Tensor lse_lo = as_f32(lse_lo_in, "lse_lo");
+  const at::Tensor ent = use_ent ? as_f32(entropy, "entropy") : at::Tensor();
+  TORCH_CHECK(!use_ent || ent.defined(), "dpo_fast_cpu: grad_entropy needs the forward entropy");
+
+  const float* glp_p = g_lp.defined() ? g_lp.const_data_ptr<float>() : nullptr;
+  const float* glse_p = g_lse.defined() ? g_lse.const_data_ptr<float>() : nullptr;
+  const float* gent_p = use_ent ? g_ent.const_data_ptr<float>() : nullptr;
+  const std::vector<int64_t> rows = select_rows(targets, ignore_index, vocab, [&](int64_t i) {
+    return (glp_p && glp_p[i] != 0.0f) || (glse_p && glse_p[i] != 0.0f) ||
+           (gent_p && gent_p[i] != 0.0f);
+  });
+  const int64_t nv = int64_t(rows.size());
+
+  at::Tensor dh = at::zeros_like(hidden);
+  at::Tensor db32 = bias ? at::zeros({vocab}, f32) : at::Tensor();
+  auto finish_db = [&]() { return bias ? db32.to(bias->scalar_type()) : at::empty({0}, f32); };
+  if (nv == 0 || vocab == 0) return {dh, at::zeros_like(weight), finish_db()};
+
+  // Per live row: target, lse, entropy, coef = g_lp - g_lse, g_ent, g_lp.
+  const int64_t* tgt_all = targets.const_data_ptr<int64_t>();
+  const float* lse_all = lse.const_data_ptr<float>();
+  const float* lo_all = lse_lo.const_data_ptr<float>();
+  const float* ent_all = use_ent ? ent.const_data_ptr<float>() : nullptr;
+  std::vector<int64_t> tgt(nv);
+  std::vector<float> r_lse(nv), r_lo(nv), r_ent(nv), r_coef(nv), r_gent(nv), r_glp(nv);
+  for (int64_t i = 0; i < nv; ++i) {
+    const int64_t row = rows[i];
+    tgt[i] = tgt_all[row];
+    r_lse[i] = lse_all[row];
+    r_lo[i] = lo_all[row];
+    r_ent[i] = use_ent ? ent_all[row] : 0.0f;
+    r_glp[i] = glp_p ? glp_p[row] : 0.0f;
+    r_coef[i] = r_glp[i] - (glse_p ? glse_p[row] : 0.0f);
+    r_gent[i] = use_ent ? gent_p[row] : 0.0f;
+  }
+
+  const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_p = bias ? bias32.const_data_ptr<float>() : nullptr;
+  float* db_p = bias ? db32.data_ptr<float>() : nullptr;
+  const bool w_f32 = weight.scalar_type() == at::kFloat;
+
+  const int groups = std::max(1, at::get_num_threads());
+  const TileSizes& ts = tile_sizes();
+  const int64_t chunk = ts.tokens;
+  const VocabPlan vp = plan_vocab(vocab, ts.vocab, groups);
+  const bool direct = hidden.scalar_type() == at::kFloat && nv == n;
+  const int64_t row_bytes = d * 4 * (groups + (direct ? 0 : 1));
+  int64_t tb = plan_block(nv, vocab, row_bytes, chunk);
+  // fp16/bf16: dW must accumulate in fp32 across token blocks. Either one block (each group
+  // finishes its dW tiles in a [Vc, D] fp32 buffer; scratch grows with nv) or an fp32 [V, D]
+  // accumulator, as the twin has: whichever needs less memory.
+  if (!w_f32 && tb < nv && double(nv) * row_bytes <= double(vocab) * d * 4.0) tb = nv;
+  const bool dw_full_f32 = !w_f32 && tb < nv;
+
+  at::Tensor dw = w_f32 ? at::empty({vocab, d}, f32) : at::empty_like(weight);
+  at::Tensor dw_acc = dw_full_f32 ? at::empty({vocab, d}, f32) : at::Tensor();
+  at::Tensor hbuf = at::empty({direct ? 0 : tb * d}, f32);
+  at::Tensor zbuf = at::empty({groups * chunk * vp.vc}, f32);
+  at::Tensor wbuf = at::empty({w_f32 ? 0 : groups * vp.vc * d}, f32);
+  at::Tensor dwbuf = at::empty({(w_f32 || dw_full_f32) ? 0 : groups * vp.vc * d}, f32);
+  at::Tensor dhbuf = at::empty({groups * tb * d}, f32);
+  std::vector<char> group_used(groups);
+  for (int g = 0; g < groups; ++g) group_used[g] = vp.tile_end(g) > vp.tile_begin(g);
+
+  for (int64_t b0 = 0; b0 < nv; b0 += tb) {
+    const int64_t nb = std::min(tb, nv - b0);
+    const float* hb = direct ? hidden.const_data_ptr<float>() + b0 * d : hbuf.data_ptr<float>();
+#pragma omp parallel num_threads(groups)
+    {
+      at::AutoDispatchBelowADInplaceOrView no_autograd;
+      if (!direct) gather_rows(hbuf.data_ptr<float>(), hidden, rows.data(), b0, b0 + nb);
+      const int nth = omp_get_num_threads();
+      for (int g = omp_get_thread_num(); g < groups; g += nth) {
+        float* z = zbuf.data_ptr<float>() + int64_t(g) * chunk * vp.vc;
+        float* dh_g = dhbuf.data_ptr<float>() + int64_t(g) * tb * d;
+        for (int64_t j = vp.tile_begin(g); j < vp.tile_end(g); ++j) {
+          const int64_t v0 = j * vp.vc, w = std::min(vp.vc, vocab - v0);
+          const float* wt;
+          if (w_f32) {
+            wt = weight.const_data_ptr<float>() + v0 * d;
+          } else {
+            float* wb = wbuf.data_ptr<float>() + int64_t(g) * vp.vc * d;
+            fview(wb, w, d).copy_(weight.narrow(0, v0, w));
+            wt = wb;
+          }
+          float* dwt;  // fp32 [w, D] accumulator of this tile's dW
+          bool dw_fresh;
+          if (w_f32) {
+            dwt = dw.data_ptr<float>() + v0 * d;
+            dw_fresh = b0 == 0;
+          } else if (dw_full_f32) {
+            dwt = dw_acc.data_ptr<float>() + v0 * d;
+            dw_fresh = b0 == 0;
+          } else {
+            dwt = dwbuf.data_ptr<float>() + int64_t(g) * vp.vc * d;
+            dw_fresh = true;
+          }
+          const at::Tensor wt_t = fview(wt, w, d);
+          const RowMap mp = make_map(bias_p ? bias_p + v0 : nullptr, softcap, inv_temperature);
+          const float inv_t = float(inv_temperature);
+          for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
+            const int64_t m = std::min(chunk, nb - c0);
+            const at::Tensor z_t = fview(z, m, w);
+            const at::Tensor h_t = fview(hb + c0 * d, m, d);
+            gemm(z_t, h_t, wt_t.t(), false);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = b0 + c0 + r;
+              float* zr = z + r * w;
+              const int64_t tl = tgt[i] - v0;
+              const bool hit = tl >= 0 && tl < w && r_glp[i] != 0.0f;
+              const float z0_tgt = hit ? zr[tl] : 0.0f;
+              grad_row(zr, w, mp, RowGrad{r_lse[i], r_lo[i], r_ent[i], r_coef[i], r_gent[i], use_ent});
+              if (hit) {  // + g_lp * onehot(y), through temperature and softcap
+                float fac = inv_t;
+                if (softcap) {
+                  const float tt = std::tanh((z0_tgt + (bias_p ? bias_p[v0 + tl] : 0.0f)) * mp.inv_cap);
+                  fac *= 1.0f - tt * tt;
+                }
+                zr[tl] += r_glp[i] * fac;
+              }
+            }
+            if (db_p)
+              for (int64_t r = 0; r < m; ++r) add_row(db_p + v0, z + r * w, w);
+            // dh partial (first tile of the group overwrites), then this tile's dW.
+            gemm(fview(dh_g + c0 * d, m, d), z_t, wt_t, j != vp.tile_begin(g));
+            gemm(fview(dwt, w, d), z_t.t(), h_t, !(dw_fresh && c0 == 0));
+          }
+          if (!w_f32 && !dw_full_f32) dw.narrow(0, v0, w).copy_(fview(dwt, w, d));
+        }
+      }
+#pragma omp barrier
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "dh_reduce", [&] {
+        scalar_t* dh_p = dh.data_ptr<scalar_t>();
+        const float* part = dhbuf.const_data_ptr<float>();
+        _Pragma("omp for schedule(static)")
+        for (int64_t i = 0; i < nb; ++i) {
+          scalar_t* out = dh_p + rows[b0 + i] * d;
+          for (int64_t k = 0; k < d; ++k) {
+            float acc = 0.0f;
+            for (int g = 0; g < groups; ++g)
+              if (group_used[g]) acc += part[(int64_t(g) * tb + i) * d + k];
+            out[k] = static_cast<scalar_t>(acc);
+          }
+        }
+      });
+    }
+  }
+  if (dw_full_f32) dw.copy_(dw_acc);
+  return {dh, dw, finish_db()};
+}
+
+TORCH_LIBRARY(dpo_fast_cpu, m) {
+  m.def(
+      "logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
+      "float? softcap, float inv_temperature, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+      "Tensor lse_lo, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "
+      "int ignore_index, float? softcap, float inv_temperature) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dpo_fast_cpu, CPU, m) {
+  m.impl("logprobs_fwd", &logprobs_fwd);
+  m.impl("logprobs_bwd", &logprobs_bwd);
+}
+
+}  // namespace dpo_fast_cpu
+
+// `import dpo_fast._C` only has to load the library: the ops register themselves above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

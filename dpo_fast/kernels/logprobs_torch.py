@@ -1,0 +1,208 @@
+"""Pure-PyTorch twin of the fused linear -> per-token log-prob kernels.
+
+This is the readable definition of the op, the fallback on any device, and the
+contract every other backend (Triton, C++) implements with the same signature.
+
+Math, per valid position i (``targets[i] != ignore_index``) with head weight W [V, D]:
+
+    z0 = h_i @ W.T + b                      (fp32 accumulation)
+    z1 = c * tanh(z0 / c)                   (only if softcap c is set)
+    z  = z1 * inv_temperature
+    lse_i  = logsumexp(z) = m + log(s)  (m: row max, s = sum exp(z - m));  p = exp(z - lse_i)
+    logp_i = z[y_i] - lse_i             (computed as (z[y_i] - m) - log(s))
+    H_i    = lse_i - sum_v p_v z_v           (entropy, optional; computed as
+             log(s) - sum_v e_v (z_v - m) / s with e_v = exp(z_v - m), m the running max)
+
+The fp32 ``lse`` has a rounding error of up to half an ulp of |lse| (~5e-4 at 1e4), which
+would dominate p = exp(z - lse) near p = 1. So the forward also returns ``lse_lo``, the
+part of m + log(s) that the rounded ``lse`` lost (TwoSum: lse + lse_lo == m + log(s)
+exactly), and the backward uses log p = (z - lse) - lse_lo.
+
+Backward with upstream grads g_lp, g_lse, g_H (each [N] or absent):
+
+    dz = g_lp * onehot(y) - p * (g_lp - g_lse + g_H * (z - lse + H))
+    dz1 = dz * inv_temperature;  dz0 = dz1 * (1 - tanh^2(z0 / c))
+    dh = dz0 @ W;  dW = dz0.T @ h;  db = dz0.sum(0)
+
+Only valid rows are touched (ignored positions cost nothing), and the logits exist
+only as one [token_chunk, vocab_chunk] tile at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Tile sizes: a [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tile is 1 MiB and stays in L2.
+TOKEN_CHUNK = 256
+VOCAB_CHUNK = 1024
+
+
+def _tanh_cap(z0: Tensor, softcap: Optional[float]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Returns (capped logits, tanh values or None)."""
+    if softcap is None:
+        return z0, None
+    t = torch.tanh(z0 / softcap)
+    return t * softcap, t
+
+
+def _logits_tile(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int,
+    softcap: Optional[float], inv_temperature: float,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """[n, v1-v0] fp32 logits after bias, softcap and temperature; also tanh (for backward)."""
+    w = weight[v0:v1].float()
+    z = h @ w.T
+    if bias is not None:
+        z += bias[v0:v1].float()
+    z, t = _tanh_cap(z, softcap)
+    if inv_temperature != 1.0:
+        z = z * inv_temperature
+    return z, t
+
+
+def logprobs_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    *,
+    ignore_index: int,
+    softcap: Optional[float],
+    inv_temperature: float,
+    with_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the fused op.
+
+    Args:
+        hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
+        targets: [N] int64; ``ignore_index`` marks skipped positions.
+    Returns:
+        logp [N] fp32, lse [N] fp32, entropy [N] fp32 (shape [0] unless ``with_entropy``),
+        lse_lo [N] fp32 (the rounding residual of lse, for the backward); all 0.0 at
+        ignored positions.
+    """
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse_lo = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    for r0 in range(0, rows.numel(), TOKEN_CHUNK):
+        idx = rows[r0:r0 + TOKEN_CHUNK]
+        h = hidden.index_select(0, idx).float()
+        tgt = targets.index_select(0, idx)
+        m = torch.full((idx.numel(),), float("-inf"), device=dev)
+        s = torch.zeros(idx.numel(), device=dev)
+        sz = torch.zeros(idx.numel(), device=dev)  # sum exp(z - m) * (z - m), for the entropy
+        zt = torch.zeros(idx.numel(), device=dev)
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            v1 = min(v0 + VOCAB_CHUNK, vocab)
+            z, _ = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            scale = torch.exp(m - m_new)
+            zc = z - m_new[:, None]
+            e = torch.exp(zc)
+            if with_entropy:
+                # sum e^(z-m) (z-m) relative to the running max: no cancellation at |z| ~ 1e4.
+                shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+                sz = (sz + shift) * scale + (e * zc).sum(dim=1)
+            s = s * scale + e.sum(dim=1)
+            m = m_new
+            hit = (tgt >= v0) & (tgt < v1)
+            if bool(hit.any()):
+                local = (tgt - v0).clamp(0, v1 - v0 - 1)
+                zt = torch.where(hit, z.gather(1, local[:, None]).squeeze(1), zt)
+        log_s = torch.log(s)
+        lse_c = m + log_s
+        lse[idx] = lse_c
+        bb = lse_c - m  # TwoSum: lse_c + lse_lo == m + log_s exactly
+        lse_lo[idx] = (m - (lse_c - bb)) + (log_s - bb)
+        logp[idx] = (zt - m) - log_s
+        if with_entropy:
+            ent[idx] = torch.log(s) - sz / s
+    return logp, lse, ent, lse_lo
+
+
+def logprobs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    lse: Tensor,
+    lse_lo: Tensor,
+    entropy: Optional[Tensor],
+    grad_logp: Optional[Tensor],
+    grad_lse: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    *,
+    ignore_index: int,
+    softcap: Optional[float],
+    inv_temperature: float,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Backward of the fused op: recomputes logits tile by tile.
+
+    Args:
+        lse, lse_lo, entropy: [N] fp32 from the forward (entropy only with grad_entropy).
+        grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
+    Returns:
+        grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
+        grad_bias [V] (bias.dtype) or None.
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    dh = torch.zeros(n, d, dtype=torch.float32, device=dev)
+    dw = torch.zeros(vocab, d, dtype=torch.float32, device=dev)
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
+    zero = torch.zeros(n, dtype=torch.float32, device=dev)
+    g_lp = grad_logp.float() if grad_logp is not None else zero
+    g_lse = grad_lse.float() if grad_lse is not None else zero
+    use_ent = grad_entropy is not None
+    valid = targets != ignore_index
+    # Rows whose upstream grads are all zero contribute nothing: skip them too.
+    live = valid & ((g_lp != 0) | (g_lse != 0) | ((grad_entropy != 0) if use_ent else False))
+    rows = live.nonzero().squeeze(1)
+    for r0 in range(0, rows.numel(), TOKEN_CHUNK):
+        idx = rows[r0:r0 + TOKEN_CHUNK]
+        h = hidden.index_select(0, idx).float()
+        tgt = targets.index_select(0, idx)
+        lse_c = lse.index_select(0, idx)[:, None]
+        lo_c = lse_lo.index_select(0, idx)[:, None]
+        a = g_lp.index_select(0, idx)
+        coef = (a - g_lse.index_select(0, idx))[:, None]
+        if use_ent:
+            ge = grad_entropy.float().index_select(0, idx)[:, None]
+            he = entropy.index_select(0, idx)[:, None]
+        dh_c = torch.zeros(idx.numel(), d, dtype=torch.float32, device=dev)
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            v1 = min(v0 + VOCAB_CHUNK, vocab)
+            z, t = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
+            logsm = (z - lse_c) - lo_c  # log p, to fp32 accuracy even at |z| ~ 1e4
+            p = torch.exp(logsm)
+            if use_ent:
+                dz = -p * (coef + ge * (logsm + he))
+            else:
+                dz = -p * coef
+            hit = (tgt >= v0) & (tgt < v1)
+            if bool(hit.any()):
+                local = (tgt - v0).clamp(0, v1 - v0 - 1)
+                dz.scatter_add_(1, local[:, None], torch.where(hit, a, 0.0)[:, None])
+            if inv_temperature != 1.0:
+                dz = dz * inv_temperature
+            if t is not None:
+                dz = dz * (1.0 - t * t)
+            dh_c.addmm_(dz, weight[v0:v1].float())
+            dw[v0:v1].addmm_(dz.T, h)
+            if db is not None:
+                db[v0:v1] += dz.sum(dim=0)
+        dh.index_copy_(0, idx, dh_c)
+    return (
+        dh.to(hidden.dtype),
+        dw.to(weight.dtype),
+        db.to(bias.dtype) if db is not None else None,
+    )

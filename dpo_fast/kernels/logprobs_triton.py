@@ -1,0 +1,578 @@
+"""Triton kernels for the fused linear -> per-token log-prob op.
+
+Same functions, signatures and math as the pure-PyTorch twin
+(:mod:`dpo_fast.kernels.logprobs_torch`); read its docstring for the formulas.
+
+Kernels (one program per tile, logits only ever exist as one [BLOCK_N, BLOCK_V] tile):
+
+- ``_fwd_kernel``: one program per tile of valid tokens; loops over vocab tiles
+  (inner loop over D for the dot), online logsumexp, target gather by comparing
+  column ids with the target, optional entropy (running sum of exp(z - m) * (z - m)).
+  Saves only per-position scalars.
+- ``_bwd_dh_kernel``: one program per token tile; recomputes z tiles, forms dz and
+  accumulates dh += dz @ W into an fp32 buffer whose rows it alone owns.
+- ``_bwd_dw_kernel``: one program per vocab tile; recomputes z tiles, forms dz and
+  accumulates dW += dz^T @ h (and db) into fp32 rows it alone owns.
+
+Backward is deterministic: no atomics; each accumulator has exactly one owner and the
+loop order is fixed. Ignored positions are never loaded: the host builds a compact int32
+index of the rows to process and the kernels read ``hidden`` through it.
+
+Dot precision (a constexpr, checked by the compile gate): fp16/bf16 inputs use
+tensor-core mma with fp32 accumulation (dz is rounded to the input dtype before the
+backward GEMMs, like every bf16 training kernel); fp32 inputs use ``tf32x3`` (fp32-level
+accuracy on tensor cores; plain tf32 would cost ~1e-3 relative error).
+
+Under ``TRITON_INTERPRET=1`` (CPU) the kernels run on CPU tensors: operands are upcast to
+fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and much larger blocks are
+used (interpreter cost scales with programs x tiles, not FLOPs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Default GPU configs per kernel and input dtype ("half" = fp16/bf16), chosen so that every
+# kernel compiles with tensor-core mma/wgmma and zero spills on sm_80 and sm_90 (checked by
+# dpo_fast/kernels/compile_gate.py). fp32 needs smaller tiles: tf32x3 splits each operand
+# in two, tripling the live dot state. The two backward kernels share BLOCK_N/BLOCK_V so
+# they see the same dz tiles (gradient filtering then skips the same tiles in both).
+DEFAULT_CONFIGS: Dict[str, Dict[str, Dict[str, int]]] = {
+    "fwd": {
+        "half": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3),
+    },
+    "bwd_dh": {
+        "half": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    },
+    "bwd_dw": {
+        "half": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    },
+}
+# Interpreter blocks (each capped by next_power_of_2 of the real size).
+INTERPRET_CONFIGS: Dict[str, Dict[str, int]] = {
+    "fwd": dict(BLOCK_N=256, BLOCK_V=1024, BLOCK_D=512),
+    "bwd_dh": dict(BLOCK_N=256, BLOCK_V=1024, BLOCK_D=512),
+    "bwd_dw": dict(BLOCK_N=256, BLOCK_V=1024, BLOCK_D=512),
+}
+# Candidate configs tried when DPO_FAST_TRITON_AUTOTUNE=1 (GPU only); otherwise the single
+# default above is used, so nothing is benchmarked at run time.
+AUTOTUNE_CANDIDATES: List[Dict[str, int]] = [
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=3),
+]
+_AUTOTUNE_ENV = "DPO_FAST_TRITON_AUTOTUNE"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice.tanh fails under the interpreter. Below |x| = 0.625 the exp form loses the
+    # relative accuracy (1 - e cancels), so use the Cephes tanhf odd polynomial there (same
+    # as csrc/vec_math.h); above it (1 - e) / (1 + e), where exp(-2|x|) never overflows.
+    ax = tl.abs(x)
+    s = x * x
+    p = -5.70498872745e-3
+    p = p * s + 2.06390887954e-2
+    p = p * s - 5.37397155531e-2
+    p = p * s + 1.33314422036e-1
+    p = p * s - 3.33332819422e-1
+    p = p * s * x + x
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    big = tl.where(x >= 0, t, -t)
+    return tl.where(ax < 0.625, p, big)
+
+
+@triton.jit
+def _logits_tile(
+    H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_V] fp32 logits after bias, softcap and temperature, and tanh(z0/c)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    w_off = offs_v.to(tl.int64) * D
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        md = dd < D
+        h = tl.load(H + row_off[:, None] + dd[None, :],
+                    mask=mask_n[:, None] & md[None, :], other=0.0)
+        w = tl.load(W + w_off[:, None] + dd[None, :],
+                    mask=mask_v[:, None] & md[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    t = acc
+    if SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = t * softcap
+    acc = acc * inv_temperature
+    return acc, t
+
+
+@triton.jit
+def _fwd_kernel(
+    H, W, B, TGT, ROWS, LOGP, LSE, LSE_LO, ENT,
+    n_rows, V, D, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows = tl.load(ROWS + offs_n, mask=mask_n, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=mask_n, other=-1)
+    row_off = rows * D
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m), for the entropy
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z, _t = _logits_tile(
+            H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
+            HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+        )
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        zm = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no exp(-inf - -inf)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(zm - m_new[:, None])
+        if WITH_ENT:
+            # sz = sum exp(z - m) * (z - m), rebased to the new max; e = 0 on padded columns.
+            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
+            sz = scale * (sz + delta * s) + tl.sum(e * (z - m_new[:, None]), axis=1)
+        s = s * scale + tl.sum(e, axis=1)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    bb = lse - m  # TwoSum: lse + lse_lo == m + log_s exactly (lse's lost bits, for backward)
+    lse_lo = (m - (lse - bb)) + (log_s - bb)
+    tl.store(LSE + rows, lse, mask=mask_n)
+    tl.store(LSE_LO + rows, lse_lo, mask=mask_n)
+    tl.store(LOGP + rows, (zt - m) - log_s, mask=mask_n)
+    if WITH_ENT:
+        # H = lse - E_p[z] = log(s) - E_p[z - m]: no cancellation against |lse| ~ 1e4.
+        tl.store(ENT + rows, log_s - sz / s, mask=mask_n)
+
+
+@triton.jit
+def _dz_tile(
+    z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he, inv_temperature,
+    SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
+):
+    """dz0 = d loss / d(raw logits) for one tile; 0 at padded rows and columns."""
+    logsm = (z - lse[:, None]) - lse_lo[:, None]  # log p, fp32-accurate even at |z| ~ 1e4
+    p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(logsm), 0.0)
+    if HAS_GENT:
+        dz = -p * (coef[:, None] + ge[:, None] * (logsm + he[:, None]))
+    else:
+        dz = -p * coef[:, None]
+    dz += tl.where(offs_v[None, :] == tgt[:, None], glp[:, None], 0.0)
+    dz = dz * inv_temperature
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz
+
+
+@triton.jit
+def _load_row_scalars(
+    TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT: tl.constexpr,
+):
+    mask_n = offs_n < n_rows
+    rows = tl.load(ROWS + offs_n, mask=mask_n, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=mask_n, other=-1)
+    lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
+    lse_lo = tl.load(LSE_LO + rows, mask=mask_n, other=0.0)
+    glp = tl.load(GLP + rows, mask=mask_n, other=0.0)
+    coef = tl.load(COEF + rows, mask=mask_n, other=0.0)
+    if HAS_GENT:
+        ge = tl.load(GENT + rows, mask=mask_n, other=0.0)
+        he = tl.load(ENT + rows, mask=mask_n, other=0.0)
+    else:
+        ge = coef
+        he = coef
+    return mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he
+
+
+@triton.jit
+def _tile_is_live(dz, filter_eps, FILTER: tl.constexpr):
+    if FILTER:
+        live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+    else:
+        live = True
+    return live
+
+
+@triton.jit
+def _round_like(x, W, UPCAST: tl.constexpr):
+    """Rounds fp32 ``x`` to W's element type as the GPU does (round to nearest even).
+
+    The interpreter's fp32 -> bf16 cast truncates (and its "rtne" mode is wrong too), which
+    would double the error of the backward GEMM operand there; so when interpreting, the
+    rounding is done on the bits and the value stays fp32 for the (upcast) dot.
+    """
+    if UPCAST:
+        if W.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            y = bits.to(tl.float32, bitcast=True)
+        else:
+            y = x.to(W.dtype.element_ty).to(tl.float32)
+    else:
+        y = x.to(W.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    H, W, B, TGT, ROWS, LSE, LSE_LO, ENT, GLP, COEF, GENT, DH,
+    n_rows, V, D, softcap, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he = _load_row_scalars(
+        TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+    row_off = rows * D
+    offs_d = tl.arange(0, BLOCK_D)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z, t = _logits_tile(
+            H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
+            HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+        )
+        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he,
+                      inv_temperature, SOFTCAP, HAS_GENT)
+        if _tile_is_live(dz, filter_eps, FILTER):
+            dzc = _round_like(dz, W, UPCAST)
+            w_off = offs_v.to(tl.int64) * D
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                md = dd < D
+                w = tl.load(W + w_off[:, None] + dd[None, :],
+                            mask=mask_v[:, None] & md[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                # This program alone owns these dh rows: read-modify-write, deterministic.
+                acc_ptr = DH + row_off[:, None] + dd[None, :]
+                acc_mask = mask_n[:, None] & md[None, :]
+                acc = tl.load(acc_ptr, mask=acc_mask, other=0.0)
+                acc = tl.dot(dzc, w, acc, input_precision=DOT_PRECISION)
+                tl.store(acc_ptr, acc, mask=acc_mask)
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    H, W, B, TGT, ROWS, LSE, LSE_LO, ENT, GLP, COEF, GENT, DW, DB,
+    n_rows, V, D, softcap, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    w_off = offs_v.to(tl.int64) * D
+    offs_d = tl.arange(0, BLOCK_D)
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, n_rows, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he = _load_row_scalars(
+            TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+        row_off = rows * D
+        z, t = _logits_tile(
+            H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
+            HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+        )
+        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he,
+                      inv_temperature, SOFTCAP, HAS_GENT)
+        if HAS_BIAS:
+            db += tl.sum(dz, axis=0)  # exact even when the tile's GEMM is filtered out
+        if _tile_is_live(dz, filter_eps, FILTER):
+            dzt = tl.trans(_round_like(dz, W, UPCAST))
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                md = dd < D
+                h = tl.load(H + row_off[:, None] + dd[None, :],
+                            mask=mask_n[:, None] & md[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                # This program alone owns these dW rows: read-modify-write, deterministic.
+                acc_ptr = DW + w_off[:, None] + dd[None, :]
+                acc_mask = mask_v[:, None] & md[None, :]
+                acc = tl.load(acc_ptr, mask=acc_mask, other=0.0)
+                acc = tl.dot(dzt, h, acc, input_precision=DOT_PRECISION)
+                tl.store(acc_ptr, acc, mask=acc_mask)
+    if HAS_BIAS:
+        tl.store(DB + offs_v, db, mask=mask_v)
+
+
+# --------------------------------------------------------------------------- host code
+
+_KERNELS = {"fwd": _fwd_kernel, "bwd_dh": _bwd_dh_kernel, "bwd_dw": _bwd_dw_kernel}
+_GEMM_KERNELS = ("fwd", "bwd_dh", "bwd_dw")  # all three carry tl.dot
+_BLOCK_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Runtime (non-constexpr) argument types, by argument name; "{dt}" is the input dtype.
+_ARG_TYPES = {
+    "H": "*{dt}", "W": "*{dt}", "B": "*{dt}", "TGT": "*i64", "ROWS": "*i32",
+    "LOGP": "*fp32", "LSE": "*fp32", "LSE_LO": "*fp32", "ENT": "*fp32", "GLP": "*fp32", "COEF": "*fp32",
+    "GENT": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32",
+    "n_rows": "i32", "V": "i32", "D": "i32",
+    "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32",
+}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision per input dtype: tf32x3 keeps fp32 inputs at fp32 accuracy.
+
+    For fp16/bf16 operands the setting is inert (tensor-core mma, fp32 accumulate)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def default_config(name: str, dtype: torch.dtype) -> Dict[str, int]:
+    """Default GPU config (blocks, num_warps, num_stages) of kernel ``name`` for ``dtype``."""
+    return DEFAULT_CONFIGS[name]["fp32" if dtype == torch.float32 else "half"]
+
+
+def _blocks(name: str, dtype: torch.dtype, n: int, v: int, d: int,
+            interpret: bool) -> Dict[str, int]:
+    if not interpret:
+        return {k: default_config(name, dtype)[k] for k in _BLOCK_KEYS}
+    cfg = INTERPRET_CONFIGS[name]
+    sizes = {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}
+    # tl.dot needs every dim >= 16.
+    return {k: max(16, min(cfg[k], triton.next_power_of_2(max(sizes[k], 1)))) for k in _BLOCK_KEYS}
+
+
+def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
+    """What the compile gate needs to build every kernel at its default GPU config.
+
+    One entry per kernel, with every feature flag (bias, softcap, entropy, filtering) on
+    when ``features`` (the largest register footprint), else off (the common fast path):
+    ``name``, ``fn`` (the JITFunction), ``signature`` (arg name -> Triton type or
+    "constexpr"), ``constexprs``, ``attrs`` (ASTSource divisibility hints), ``options``
+    (num_warps, num_stages), ``gemm`` (whether its PTX must hold tensor-core mma/wgmma).
+    """
+    dt = _TRITON_DTYPE[dtype]
+    flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "HAS_GENT", "FILTER")}
+    specs = []
+    for name, fn in _KERNELS.items():
+        cfg = default_config(name, dtype)
+        signature, constexprs = {}, {}
+        for arg in fn.arg_names:
+            if arg in _ARG_TYPES:
+                signature[arg] = _ARG_TYPES[arg].format(dt=dt)
+            else:
+                signature[arg] = "constexpr"
+                if arg in flags:
+                    constexprs[arg] = flags[arg]
+                elif arg in cfg:
+                    constexprs[arg] = cfg[arg]
+                elif arg == "UPCAST":
+                    constexprs[arg] = False
+                elif arg == "DOT_PRECISION":
+                    constexprs[arg] = dot_precision(dtype)
+                else:
+                    raise KeyError(f"{name}: no value for constexpr {arg}")
+        # The specialization a launch gets for the usual shapes: 16-byte aligned pointers and
+        # D, V multiples of 16 (the JIT marks such arguments tt.divisibility=16 by itself).
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+                 if signature[arg].startswith("*") or arg in ("D", "V")}
+        specs.append(dict(
+            name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
+            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+            gemm=name in _GEMM_KERNELS,
+        ))
+    return specs
+
+
+_autotuned: Dict[str, object] = {}
+
+
+def _launch(name: str, n_programs_fn, args: tuple, flags: dict, sizes: Tuple[int, int, int],
+            dtype: torch.dtype, reset: Tuple[str, ...] = ()) -> None:
+    """Launch kernel ``name`` with the default (or interpreter, or autotuned) config."""
+    interpret = _interpreting()
+    common = dict(flags, UPCAST=interpret, DOT_PRECISION=dot_precision(dtype))
+    if not interpret and os.environ.get(_AUTOTUNE_ENV) == "1":
+        fn = _autotuned.get(name)
+        if fn is None:
+            configs = [
+                triton.Config({k: c[k] for k in _BLOCK_KEYS},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                for c in AUTOTUNE_CANDIDATES
+            ]
+            # The accumulators are read-modify-write: zero them before every trial run.
+            fn = triton.autotune(configs=configs, key=["V", "D"], reset_to_zero=list(reset))(
+                _KERNELS[name])
+            _autotuned[name] = fn
+        fn[lambda meta: (n_programs_fn(meta),)](*args, **common)
+        return
+    blocks = _blocks(name, dtype, *sizes, interpret=interpret)
+    cfg = default_config(name, dtype)
+    opts = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _KERNELS[name][(n_programs_fn(blocks),)](*args, **common, **blocks, **opts)
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "must be [N, D] and [V, D]")
+    if hidden.dtype != weight.dtype or hidden.dtype not in _TRITON_DTYPE:
+        raise TypeError(f"hidden/weight must share a dtype in fp32/fp16/bf16, got "
+                        f"{hidden.dtype}/{weight.dtype}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N={hidden.shape[0]}]")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V={weight.shape[0]}]")
+    return (hidden.contiguous(), weight.contiguous(),
+            bias.contiguous() if bias is not None else None, targets.contiguous())
+
+
+def logprobs_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    *,
+    ignore_index: int,
+    softcap: Optional[float],
+    inv_temperature: float,
+    with_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the fused op (Triton). Same contract as the twin's ``logprobs_forward``.
+
+    Args:
+        hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
+        targets: [N] int64; ``ignore_index`` marks skipped positions.
+    Returns:
+        logp [N] fp32, lse [N] fp32, entropy [N] fp32 (shape [0] unless ``with_entropy``),
+        lse_lo [N] fp32 (lse's rounding residual, for the backward); 0.0 where ignored.
+    """
+    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse_lo = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    rows = (targets != ignore_index).nonzero().squeeze(1).to(torch.int32)
+    n_rows = rows.numel()
+    if n_rows == 0 or vocab == 0:
+        return logp, lse, ent, lse_lo
+    args = (
+        hidden, weight, bias if bias is not None else weight, targets, rows, logp, lse, lse_lo,
+        ent if with_entropy else lse,
+        n_rows, vocab, d, float(softcap) if softcap is not None else 1.0, float(inv_temperature),
+    )
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy)
+    _launch("fwd", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]), args, flags,
+            (n_rows, vocab, d), hidden.dtype)
+    return logp, lse, ent, lse_lo
+
+
+def logprobs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    lse: Tensor,
+    lse_lo: Tensor,
+    entropy: Optional[Tensor],
+    grad_logp: Optional[Tensor],
+    grad_lse: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    *,
+    ignore_index: int,
+    softcap: Optional[float],
+    inv_temperature: float,
+    grad_filter_eps: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Backward of the fused op (Triton): recomputes logits tile by tile.
+
+    Args:
+        lse, lse_lo, entropy: [N] fp32 from the forward (entropy only with grad_entropy).
+        grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
+        grad_filter_eps: if set, a [BLOCK_N, BLOCK_V] tile whose max |dz| is below it
+            skips its dh and dW GEMMs (an approximation; db stays exact). None: exact.
+    Returns:
+        grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
+        grad_bias [V] (bias.dtype) or None.
+    """
+    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    # fp32 accumulators; for fp32 inputs they are the outputs themselves.
+    dh = torch.zeros(n, d, dtype=torch.float32, device=dev)
+    dw = torch.zeros(vocab, d, dtype=torch.float32, device=dev)
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
+
+    def _out():
+        return (dh.to(hidden.dtype), dw.to(weight.dtype),
+                db.to(bias.dtype) if db is not None else None)
+
+    zero = torch.zeros(n, dtype=torch.float32, device=dev)
+    g_lp = grad_logp.float().contiguous() if grad_logp is not None else zero
+    g_lse = grad_lse.float() if grad_lse is not None else zero
+    use_ent = grad_entropy is not None
+    if use_ent and (entropy is None or entropy.numel() != n):
+        raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")
+    g_ent = grad_entropy.float().contiguous() if use_ent else zero
+    live = (targets != ignore_index) & ((g_lp != 0) | (g_lse != 0) | (g_ent != 0))
+    rows = live.nonzero().squeeze(1).to(torch.int32)
+    n_rows = rows.numel()
+    if n_rows == 0 or vocab == 0:
+        return _out()
+    coef = (g_lp - g_lse).contiguous()
+    ent = entropy.float().contiguous() if use_ent else zero
+    lse = lse.float().contiguous()
+    lse_lo = lse_lo.float().contiguous()
+    filt = grad_filter_eps is not None
+    scalars = (n_rows, vocab, d, float(softcap) if softcap is not None else 1.0,
+               float(inv_temperature), float(grad_filter_eps) if filt else 0.0)
+    common = (hidden, weight, bias if bias is not None else weight, targets, rows, lse, lse_lo,
+              ent,
+              g_lp, coef, g_ent)
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_GENT=use_ent,
+                 FILTER=filt)
+    sizes = (n_rows, vocab, d)
+    _launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
+            common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))
+    _launch("bwd_dw", lambda b: triton.cdiv(vocab, b["BLOCK_V"]),
+            common + (dw, db if db is not None else dw) + scalars, flags, sizes, hidden.dtype,
+            reset=("DW", "DB"))
+    return _out()

@@ -1,0 +1,111 @@
+"""Build script for dpo-fast.
+
+Install (torch must already be installed; the C++ extension builds against it):
+
+    pip install --no-build-isolation -e ".[test]"
+
+The optional C++ CPU kernel ``dpo_fast._C`` (csrc/) is compiled with
+torch.utils.cpp_extension. If torch is missing at build time or the compile fails, the
+pure-Python package is installed anyway (one log line says why) and dpo_fast falls back to
+its PyTorch backend at run time.
+
+Environment knobs:
+    DPO_FAST_SKIP_CPP_BUILD=1   do not build the C++ extension
+    DPO_FAST_NATIVE=1           compile with -march=native (fastest here, not portable)
+    MAX_JOBS=n                  parallel compile jobs (default: the number of cores)
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    text = (ROOT / "dpo_fast" / "__init__.py").read_text(encoding="utf-8")
+    m = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.MULTILINE)
+    if m is None:
+        raise RuntimeError("__version__ not found in dpo_fast/__init__.py")
+    return m.group(1)
+
+
+def log(msg: str) -> None:
+    print(f"dpo_fast setup: {msg}", file=sys.stderr, flush=True)
+
+
+def cpp_extension():
+    """(ext_modules, cmdclass) for dpo_fast._C, or empty ones when it is not to be built."""
+    if os.environ.get("DPO_FAST_SKIP_CPP_BUILD") == "1":
+        log("DPO_FAST_SKIP_CPP_BUILD=1: skipping the C++ extension (pure-Python install)")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # torch missing (e.g. an isolated build env)
+        log(f"torch not importable ({type(e).__name__}: {e}); skipping the C++ extension "
+            "(use `pip install --no-build-isolation` with torch installed to build it)")
+        return [], {}
+
+    os.environ.setdefault("MAX_JOBS", str(max(1, len(os.sched_getaffinity(0))
+                                              if hasattr(os, "sched_getaffinity")
+                                              else (os.cpu_count() or 1))))
+    cxx = ["-O3", "-fopenmp"]
+    if os.environ.get("DPO_FAST_NATIVE") == "1":
+        cxx.append("-march=native")
+
+    class OptionalBuildExt(BuildExtension):
+        """Builds the extension if it can; otherwise logs one line and installs without it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:
+                log(f"C++ extension build failed ({type(e).__name__}: {e}); installing the "
+                    "pure-Python package, dpo_fast will use its PyTorch backend")
+                self.extensions = []
+
+        def get_outputs(self):
+            return super().get_outputs() if self.extensions else []
+
+    ext = CppExtension(
+        name="dpo_fast._C",
+        sources=["csrc/logprobs.cpp"],
+        depends=["csrc/vec_math.h"],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": OptionalBuildExt}
+
+
+ext_modules, cmdclass = cpp_extension()
+
+setup(
+    name="dpo-fast",
+    version=read_version(),
+    description="Direct Preference Optimization with fused, memory-flat LM-head kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8")
+    if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dpo_fast*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "pyyaml",
+        "transformers",
+        "datasets",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "flash": ["flash-attn"],
+        "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
