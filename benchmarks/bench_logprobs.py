@@ -8,6 +8,8 @@ Methods, side by side in one run (each case in a fresh process):
   trl-chunked     trl.kernels.ChunkedLogProbFunction (TRL 1.16's DPOTrainer path)
   cce             cut_cross_entropy.linear_cross_entropy(reduction="none"), torch_compile on
                   CPU ("cce" Triton impl on CUDA)
+  <method>@ign50  the same with half of the positions set to ignore_index (as prompt tokens
+                  are in DPO): measures the "ignored positions cost nothing" lever
 
 Times are medians; ratios are to naive and to the 4-GEMM floor (4 x 2*N*D*V FLOPs at the
 machine's measured peak fp32 matmul rate). Extra memory = steady-state peak above inputs
@@ -29,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 SHAPES = {"smol": (4096, 576, 49152), "large": (2048, 640, 262144), "tiny": (512, 576, 8192)}
-METHODS_CPU = ["naive", "dpo_fast-cpu", "dpo_fast-torch", "trl-chunked", "cce"]
-METHODS_CUDA = ["naive", "dpo_fast-triton", "trl-chunked", "cce"]
+METHODS_CPU = ["naive", "dpo_fast-cpu", "dpo_fast-torch", "trl-chunked", "cce",
+               "dpo_fast-cpu@ign50"]
+METHODS_CUDA = ["naive", "dpo_fast-triton", "trl-chunked", "cce", "dpo_fast-triton@ign50"]
 # GEMMs each method executes per fwd+bwd (for the executed GFLOP/s column).
-GEMMS = {"naive": 3, "dpo_fast-cpu": 4, "dpo_fast-torch": 4, "dpo_fast-triton": 5,
+GEMMS = {"naive": 3, "dpo_fast-cpu@ign50": 2, "dpo_fast-triton@ign50": 2.5, "dpo_fast-cpu": 4, "dpo_fast-torch": 4, "dpo_fast-triton": 5,
          "trl-chunked": 4, "cce": 3}
 
 
@@ -40,6 +43,8 @@ def make_fn(method: str, device: str):
     """Returns f(hidden, weight, targets) -> per-token log-probs [N] (differentiable)."""
     if method == "naive":
         return lambda h, w, t: torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None])[:, 0]
+    if method.endswith("@ign50"):
+        return make_fn(method[: -len("@ign50")], device)
     if method.startswith("dpo_fast-"):
         import dpo_fast
 
@@ -65,6 +70,8 @@ def worker(method: str, n: int, d: int, v: int, reps: int, device: str, dtype: s
     hidden = torch.randn(n, d, device=device, dtype=dt).requires_grad_()
     weight = (torch.randn(v, d, device=device) / d**0.5).to(dt).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
+    if method.endswith("@ign50"):
+        targets[n // 2:] = -100
     fn = make_fn(method, device)
     g = torch.randn(n, device=device)
 
