@@ -9,7 +9,8 @@
 // MKL does not spawn threads) on its own tiles, so GEMMs and the vectorized row passes of the
 // two cores overlap with no barrier per tile.
 //   forward : per row and group an online (max, sum e, sum e*(z-max)) state, merged at the end;
-//             lse is returned with its rounding residual lse_lo (see the twin's docstring).
+//             the row max m and log_s = log(sum exp(z - m)) are returned (lse = m + log_s is
+//             formed by the caller; keeping the two parts exact is what the backward needs).
 //   backward: dW tiles belong to one group (written in place, K = T per chunk); dh is summed
 //             over groups from per-group [TB, D] partials in a fixed order.
 // Every reduction order depends only on the shapes and the thread count: bitwise
@@ -174,14 +175,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
   const int64_t n = hidden.size(0), d = hidden.size(1), vocab = weight.size(0);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::zeros({n}, f32);
-  at::Tensor lse = at::zeros({n}, f32);
+  at::Tensor row_max = at::zeros({n}, f32);
   at::Tensor ent = at::zeros({with_entropy ? n : 0}, f32);
-  at::Tensor lse_lo = at::zeros({n}, f32);
+  at::Tensor log_sum = at::zeros({n}, f32);
 
   const std::vector<int64_t> rows =
       select_rows(targets, ignore_index, vocab, [](int64_t) { return true; });
   const int64_t nv = int64_t(rows.size());
-  if (nv == 0 || vocab == 0) return {logp, lse, ent, lse_lo};
+  if (nv == 0 || vocab == 0) return {logp, row_max, ent, log_sum};
 
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_p = bias ? bias32.const_data_ptr<float>() : nullptr;
@@ -203,9 +204,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
   at::Tensor ztgt = at::empty({tb}, f32);
 
   float* logp_p = logp.data_ptr<float>();
-  float* lse_p = lse.data_ptr<float>();
+  float* max_p = row_max.data_ptr<float>();
   float* ent_p = with_entropy ? ent.data_ptr<float>() : nullptr;
-  float* lo_p = lse_lo.data_ptr<float>();
+  float* logs_p = log_sum.data_ptr<float>();
   float* st_m = state.data_ptr<float>();
   float* st_s = st_m + groups * tb;
   float* st_u = st_s + groups * tb;
@@ -281,21 +282,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
         }
         const float log_s = std::log(s);
         const int64_t row = rows[b0 + i];
-        const float l = big + log_s;
-        const float bb = l - big;  // TwoSum: l + lse_lo == big + log_s exactly
-        lse_p[row] = l;
-        lo_p[row] = (big - (l - bb)) + (log_s - bb);
+        max_p[row] = big;
+        logs_p[row] = log_s;
         logp_p[row] = (zt[i] - big) - log_s;
         if (ent_p) ent_p[row] = log_s - u / s;  // H = lse - E[z], referenced to the max
       }
     }
   }
-  return {logp, lse, ent, lse_lo};
+  return {logp, row_max, ent, log_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets_in, const at::Tensor& lse_in, const at::Tensor& lse_lo_in,
+    const at::Tensor& targets_in, const at::Tensor& row_max_in, const at::Tensor& log_sum_in,
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
     int64_t ignore_index, std::optional<double> softcap, double inv_temperature) {
@@ -314,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
   const at::Tensor g_lse = as_f32(grad_lse, "grad_lse");
   const at::Tensor g_ent = as_f32(grad_entropy, "grad_entropy");
   const bool use_ent = g_ent.defined();
-  const at::Tensor lse = as_f32(lse_in, "lse");
-  const at::Tensor lse_lo = as_f32(lse_lo_in, "lse_lo");
+  const at::Tensor row_max = as_f32(row_max_in, "row_max");
+  const at::Tensor log_sum = as_f32(log_sum_in, "log_sum");
   const at::Tensor ent = use_ent ? as_f32(entropy, "entropy") : at::Tensor();
   TORCH_CHECK(!use_ent || ent.defined(), "dpo_fast_cpu: grad_entropy needs the forward entropy");
 
@@ -333,18 +332,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
   auto finish_db = [&]() { return bias ? db32.to(bias->scalar_type()) : at::empty({0}, f32); };
   if (nv == 0 || vocab == 0) return {dh, at::zeros_like(weight), finish_db()};
 
-  // Per live row: target, lse, entropy, coef = g_lp - g_lse, g_ent, g_lp.
+  // Per live row: target, row max, log-sum, entropy, coef = g_lp - g_lse, g_ent, g_lp.
   const int64_t* tgt_all = targets.const_data_ptr<int64_t>();
-  const float* lse_all = lse.const_data_ptr<float>();
-  const float* lo_all = lse_lo.const_data_ptr<float>();
+  const float* max_all = row_max.const_data_ptr<float>();
+  const float* logs_all = log_sum.const_data_ptr<float>();
   const float* ent_all = use_ent ? ent.const_data_ptr<float>() : nullptr;
   std::vector<int64_t> tgt(nv);
-  std::vector<float> r_lse(nv), r_lo(nv), r_ent(nv), r_coef(nv), r_gent(nv), r_glp(nv);
+  std::vector<float> r_max(nv), r_logs(nv), r_ent(nv), r_coef(nv), r_gent(nv), r_glp(nv);
   for (int64_t i = 0; i < nv; ++i) {
     const int64_t row = rows[i];
     tgt[i] = tgt_all[row];
-    r_lse[i] = lse_all[row];
-    r_lo[i] = lo_all[row];
+    r_max[i] = max_all[row];
+    r_logs[i] = logs_all[row];
     r_ent[i] = use_ent ? ent_all[row] : 0.0f;
     r_glp[i] = glp_p ? glp_p[row] : 0.0f;
     r_coef[i] = r_glp[i] - (glse_p ? glse_p[row] : 0.0f);
@@ -426,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
               const int64_t tl = tgt[i] - v0;
               const bool hit = tl >= 0 && tl < w && r_glp[i] != 0.0f;
               const float z0_tgt = hit ? zr[tl] : 0.0f;
-              grad_row(zr, w, mp, RowGrad{r_lse[i], r_lo[i], r_ent[i], r_coef[i], r_gent[i], use_ent});
+              grad_row(zr, w, mp, RowGrad{r_max[i], r_logs[i], r_ent[i], r_coef[i], r_gent[i], use_ent});
               if (hit) {  // + g_lp * onehot(y), through temperature and softcap
                 float fac = inv_t;
                 if (softcap) {
@@ -471,8 +470,8 @@ TORCH_LIBRARY(dpo_fast_cpu, m) {
       "logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
       "float? softcap, float inv_temperature, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
-      "Tensor lse_lo, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "
+      "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
+      "Tensor log_sum, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "
       "int ignore_index, float? softcap, float inv_temperature) -> (Tensor, Tensor, Tensor)");
 }
 

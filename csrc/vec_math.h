@@ -161,12 +161,12 @@ DPO_CLONES void exp_sums(const float* z, int64_t w, float ref, bool want_u, floa
 }
 
 struct RowGrad {
-  float lse, lse_lo, ent, coef, g_ent;  // coef = g_logp - g_lse
+  float row_max, log_sum, ent, coef, g_ent;  // coef = g_logp - g_lse
   bool with_ent;
 };
 
 // In place: raw GEMM output z0 -> dz0 without the one-hot term:
-//   log p = (z - lse) - lse_lo;  dz0 = -p * (coef + g_ent * (log p + H)) * inv_temp * (1 - tanh^2)
+//   log p = (z - row_max) - log_sum;  dz0 = -p * (coef + g_ent * (log p + H)) * inv_temp * (1 - tanh^2)
 DPO_INLINE vf grad_vec(vf z0, const RowMap& mp, const RowGrad& g, const float* bias_at,
                        int64_t n_tail) {
   if (mp.bias) z0 += n_tail < 0 ? vload(bias_at) : vload_tail(bias_at, n_tail, 0.0f);
@@ -176,7 +176,7 @@ DPO_INLINE vf grad_vec(vf z0, const RowMap& mp, const RowGrad& g, const float* b
     z = t * mp.cap;
   }
   z = z * mp.inv_temp;
-  vf d = (z - g.lse) - g.lse_lo;
+  vf d = (z - g.row_max) - g.log_sum;
   vf p = vexp(d);
   vf q = vbcast(g.coef);
   if (g.with_ent) q += g.g_ent * (d + g.ent);

@@ -2,6 +2,22 @@
 
 __version__ = "0.1.0"
 
+from .losses import (  # noqa: E402
+    LOSS_TYPES,
+    REFERENCE_FREE_TYPES,
+    PreferenceLossOutput,
+    dpo_sigmoid_coefficients,
+    preference_loss,
+)
 from .ops.logprobs import LinearLogprobs, linear_logprobs  # noqa: E402
 
-__all__ = ["__version__", "linear_logprobs", "LinearLogprobs"]
+__all__ = [
+    "__version__",
+    "linear_logprobs",
+    "LinearLogprobs",
+    "preference_loss",
+    "PreferenceLossOutput",
+    "dpo_sigmoid_coefficients",
+    "LOSS_TYPES",
+    "REFERENCE_FREE_TYPES",
+]

@@ -21,9 +21,9 @@ def _case(n=77, d=63, v=1003, seed=0):
 
 def _bwd(h, w, b, t, ups, **kw):
     opts = dict(ignore_index=-100, softcap=None, inv_temperature=1.0)
-    logp, lse, ent, lse_lo = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
-    grads = lt.logprobs_backward(h, w, b, t, lse, lse_lo, ent, *ups, **opts, **kw)
-    return (logp, lse, ent) + tuple(grads)
+    logp, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
+    grads = lt.logprobs_backward(h, w, b, t, row_max, log_sum, ent, *ups, **opts, **kw)
+    return (logp, row_max + log_sum, ent) + tuple(grads)
 
 
 def test_backward_bitwise_reproducible():

@@ -51,7 +51,7 @@ def _register_fakes() -> None:
                 hidden.new_empty(n if with_entropy else 0, **f32), hidden.new_empty(n, **f32))
 
     @torch.library.register_fake("dpo_fast_cpu::logprobs_bwd")
-    def _bwd_fake(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_lse,
+    def _bwd_fake(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
                   grad_entropy, ignore_index, softcap, inv_temperature):
         db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(
             0, dtype=torch.float32)
@@ -105,8 +105,8 @@ def logprobs_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of the fused op; see ``logprobs_torch.logprobs_forward`` for the contract.
 
-    Returns logp [N], lse [N], entropy [N] (shape [0] unless ``with_entropy``) and lse_lo [N]
-    (the rounding residual of lse, for the backward), fp32, 0.0 at ignored positions.
+    Returns logp [N], row_max [N], entropy [N] (shape [0] unless ``with_entropy``) and
+    log_sum [N] (lse = row_max + log_sum), fp32, 0.0 at ignored positions.
     """
     if not _load():
         raise RuntimeError(f"dpo_fast C++ CPU kernel unavailable: {_state['error']}")
@@ -121,8 +121,8 @@ def logprobs_backward(
     weight: Tensor,
     bias: Optional[Tensor],
     targets: Tensor,
-    lse: Tensor,
-    lse_lo: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     entropy: Optional[Tensor],
     grad_logp: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -139,7 +139,7 @@ def logprobs_backward(
     if not _load():
         raise RuntimeError(f"dpo_fast C++ CPU kernel unavailable: {_state['error']}")
     dh, dw, db = torch.ops.dpo_fast_cpu.logprobs_bwd(
-        hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_lse, grad_entropy,
+        hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse, grad_entropy,
         int(ignore_index), None if softcap is None else float(softcap), float(inv_temperature),
     )
     return dh, dw, (db if bias is not None else None)

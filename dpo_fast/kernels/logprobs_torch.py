@@ -13,10 +13,11 @@ Math, per valid position i (``targets[i] != ignore_index``) with head weight W [
     H_i    = lse_i - sum_v p_v z_v           (entropy, optional; computed as
              log(s) - sum_v e_v (z_v - m) / s with e_v = exp(z_v - m), m the running max)
 
-The fp32 ``lse`` has a rounding error of up to half an ulp of |lse| (~5e-4 at 1e4), which
-would dominate p = exp(z - lse) near p = 1. So the forward also returns ``lse_lo``, the
-part of m + log(s) that the rounded ``lse`` lost (TwoSum: lse + lse_lo == m + log(s)
-exactly), and the backward uses log p = (z - lse) - lse_lo.
+The forward returns the row max ``m`` and ``log_s`` = log(s) separately, not their sum:
+a rounded fp32 lse carries up to half an ulp of |lse| (~5e-4 at |z| ~ 1e4), which would
+dominate p = exp(z - lse) near p = 1, while log p = (z - m) - log_s is fp32-accurate. The
+caller forms lse = m + log_s. The pair also gives the token accuracy for free: the target
+is the argmax exactly when z[y] == m, i.e. when logp == -log_s.
 
 Backward with upstream grads g_lp, g_lse, g_H (each [N] or absent):
 
@@ -80,16 +81,16 @@ def logprobs_forward(
         hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
         targets: [N] int64; ``ignore_index`` marks skipped positions.
     Returns:
-        logp [N] fp32, lse [N] fp32, entropy [N] fp32 (shape [0] unless ``with_entropy``),
-        lse_lo [N] fp32 (the rounding residual of lse, for the backward); all 0.0 at
-        ignored positions.
+        logp [N] fp32, row_max [N] fp32 (max logit m), entropy [N] fp32 (shape [0] unless
+        ``with_entropy``), log_sum [N] fp32 (log sum exp(z - m)); all 0.0 at ignored
+        positions. lse = row_max + log_sum.
     """
     n, _ = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse_lo = torch.zeros(n, dtype=torch.float32, device=dev)
+    row_max = torch.zeros(n, dtype=torch.float32, device=dev)
+    log_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
     rows = (targets != ignore_index).nonzero().squeeze(1)
     for r0 in range(0, rows.numel(), TOKEN_CHUNK):
@@ -118,14 +119,12 @@ def logprobs_forward(
                 local = (tgt - v0).clamp(0, v1 - v0 - 1)
                 zt = torch.where(hit, z.gather(1, local[:, None]).squeeze(1), zt)
         log_s = torch.log(s)
-        lse_c = m + log_s
-        lse[idx] = lse_c
-        bb = lse_c - m  # TwoSum: lse_c + lse_lo == m + log_s exactly
-        lse_lo[idx] = (m - (lse_c - bb)) + (log_s - bb)
+        row_max[idx] = m
+        log_sum[idx] = log_s
         logp[idx] = (zt - m) - log_s
         if with_entropy:
-            ent[idx] = torch.log(s) - sz / s
-    return logp, lse, ent, lse_lo
+            ent[idx] = log_s - sz / s
+    return logp, row_max, ent, log_sum
 
 
 def logprobs_backward(
@@ -133,8 +132,8 @@ def logprobs_backward(
     weight: Tensor,
     bias: Optional[Tensor],
     targets: Tensor,
-    lse: Tensor,
-    lse_lo: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     entropy: Optional[Tensor],
     grad_logp: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -147,7 +146,8 @@ def logprobs_backward(
     """Backward of the fused op: recomputes logits tile by tile.
 
     Args:
-        lse, lse_lo, entropy: [N] fp32 from the forward (entropy only with grad_entropy).
+        row_max, log_sum, entropy: [N] fp32 from the forward (entropy only with
+            grad_entropy).
         grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
     Returns:
         grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
@@ -171,8 +171,8 @@ def logprobs_backward(
         idx = rows[r0:r0 + TOKEN_CHUNK]
         h = hidden.index_select(0, idx).float()
         tgt = targets.index_select(0, idx)
-        lse_c = lse.index_select(0, idx)[:, None]
-        lo_c = lse_lo.index_select(0, idx)[:, None]
+        m_c = row_max.index_select(0, idx)[:, None]
+        ls_c = log_sum.index_select(0, idx)[:, None]
         a = g_lp.index_select(0, idx)
         coef = (a - g_lse.index_select(0, idx))[:, None]
         if use_ent:
@@ -182,7 +182,7 @@ def logprobs_backward(
         for v0 in range(0, vocab, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, vocab)
             z, t = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
-            logsm = (z - lse_c) - lo_c  # log p, to fp32 accuracy even at |z| ~ 1e4
+            logsm = (z - m_c) - ls_c  # log p, to fp32 accuracy even at |z| ~ 1e4
             p = torch.exp(logsm)
             if use_ent:
                 dz = -p * (coef + ge * (logsm + he))

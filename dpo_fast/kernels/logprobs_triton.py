@@ -135,7 +135,7 @@ def _logits_tile(
 
 @triton.jit
 def _fwd_kernel(
-    H, W, B, TGT, ROWS, LOGP, LSE, LSE_LO, ENT,
+    H, W, B, TGT, ROWS, LOGP, RMAX, LOGS, ENT,
     n_rows, V, D, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -172,11 +172,10 @@ def _fwd_kernel(
         s = s * scale + tl.sum(e, axis=1)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
-    bb = lse - m  # TwoSum: lse + lse_lo == m + log_s exactly (lse's lost bits, for backward)
-    lse_lo = (m - (lse - bb)) + (log_s - bb)
-    tl.store(LSE + rows, lse, mask=mask_n)
-    tl.store(LSE_LO + rows, lse_lo, mask=mask_n)
+    # m and log_s stay separate (lse = m + log_s is formed by the caller): a rounded fp32
+    # lse would cost the backward's log p = (z - m) - log_s its accuracy at |z| ~ 1e4.
+    tl.store(RMAX + rows, m, mask=mask_n)
+    tl.store(LOGS + rows, log_s, mask=mask_n)
     tl.store(LOGP + rows, (zt - m) - log_s, mask=mask_n)
     if WITH_ENT:
         # H = lse - E_p[z] = log(s) - E_p[z - m]: no cancellation against |lse| ~ 1e4.
@@ -185,11 +184,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _dz_tile(
-    z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he, inv_temperature,
+    z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he, inv_temperature,
     SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
 ):
     """dz0 = d loss / d(raw logits) for one tile; 0 at padded rows and columns."""
-    logsm = (z - lse[:, None]) - lse_lo[:, None]  # log p, fp32-accurate even at |z| ~ 1e4
+    logsm = (z - rmax[:, None]) - logs[:, None]  # log p, fp32-accurate even at |z| ~ 1e4
     p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(logsm), 0.0)
     if HAS_GENT:
         dz = -p * (coef[:, None] + ge[:, None] * (logsm + he[:, None]))
@@ -204,13 +203,13 @@ def _dz_tile(
 
 @triton.jit
 def _load_row_scalars(
-    TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT: tl.constexpr,
+    TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT: tl.constexpr,
 ):
     mask_n = offs_n < n_rows
     rows = tl.load(ROWS + offs_n, mask=mask_n, other=0).to(tl.int64)
     tgt = tl.load(TGT + rows, mask=mask_n, other=-1)
-    lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
-    lse_lo = tl.load(LSE_LO + rows, mask=mask_n, other=0.0)
+    rmax = tl.load(RMAX + rows, mask=mask_n, other=0.0)
+    logs = tl.load(LOGS + rows, mask=mask_n, other=0.0)
     glp = tl.load(GLP + rows, mask=mask_n, other=0.0)
     coef = tl.load(COEF + rows, mask=mask_n, other=0.0)
     if HAS_GENT:
@@ -219,7 +218,7 @@ def _load_row_scalars(
     else:
         ge = coef
         he = coef
-    return mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he
+    return mask_n, rows, tgt, rmax, logs, glp, coef, ge, he
 
 
 @triton.jit
@@ -253,7 +252,7 @@ def _round_like(x, W, UPCAST: tl.constexpr):
 
 @triton.jit
 def _bwd_dh_kernel(
-    H, W, B, TGT, ROWS, LSE, LSE_LO, ENT, GLP, COEF, GENT, DH,
+    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, DH,
     n_rows, V, D, softcap, inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -261,8 +260,8 @@ def _bwd_dh_kernel(
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he = _load_row_scalars(
-        TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+    mask_n, rows, tgt, rmax, logs, glp, coef, ge, he = _load_row_scalars(
+        TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
     row_off = rows * D
     offs_d = tl.arange(0, BLOCK_D)
     for v0 in range(0, V, BLOCK_V):
@@ -272,7 +271,7 @@ def _bwd_dh_kernel(
             H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
         )
-        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he,
+        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
                       inv_temperature, SOFTCAP, HAS_GENT)
         if _tile_is_live(dz, filter_eps, FILTER):
             dzc = _round_like(dz, W, UPCAST)
@@ -294,7 +293,7 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    H, W, B, TGT, ROWS, LSE, LSE_LO, ENT, GLP, COEF, GENT, DW, DB,
+    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, DW, DB,
     n_rows, V, D, softcap, inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -308,14 +307,14 @@ def _bwd_dw_kernel(
     db = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for n0 in range(0, n_rows, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n, rows, tgt, lse, lse_lo, glp, coef, ge, he = _load_row_scalars(
-            TGT, LSE, LSE_LO, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+        mask_n, rows, tgt, rmax, logs, glp, coef, ge, he = _load_row_scalars(
+            TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
         row_off = rows * D
         z, t = _logits_tile(
             H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
         )
-        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, lse, lse_lo, glp, coef, ge, he,
+        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
                       inv_temperature, SOFTCAP, HAS_GENT)
         if HAS_BIAS:
             db += tl.sum(dz, axis=0)  # exact even when the tile's GEMM is filtered out
@@ -347,7 +346,7 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 # Runtime (non-constexpr) argument types, by argument name; "{dt}" is the input dtype.
 _ARG_TYPES = {
     "H": "*{dt}", "W": "*{dt}", "B": "*{dt}", "TGT": "*i64", "ROWS": "*i32",
-    "LOGP": "*fp32", "LSE": "*fp32", "LSE_LO": "*fp32", "ENT": "*fp32", "GLP": "*fp32", "COEF": "*fp32",
+    "LOGP": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32", "GLP": "*fp32", "COEF": "*fp32",
     "GENT": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32",
     "n_rows": "i32", "V": "i32", "D": "i32",
     "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32",
@@ -478,30 +477,30 @@ def logprobs_forward(
         hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
         targets: [N] int64; ``ignore_index`` marks skipped positions.
     Returns:
-        logp [N] fp32, lse [N] fp32, entropy [N] fp32 (shape [0] unless ``with_entropy``),
-        lse_lo [N] fp32 (lse's rounding residual, for the backward); 0.0 where ignored.
+        logp [N] fp32, row_max [N] fp32, entropy [N] fp32 (shape [0] unless
+        ``with_entropy``), log_sum [N] fp32; 0.0 where ignored. lse = row_max + log_sum.
     """
     hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse = torch.zeros(n, dtype=torch.float32, device=dev)
-    lse_lo = torch.zeros(n, dtype=torch.float32, device=dev)
+    row_max = torch.zeros(n, dtype=torch.float32, device=dev)
+    log_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
     rows = (targets != ignore_index).nonzero().squeeze(1).to(torch.int32)
     n_rows = rows.numel()
     if n_rows == 0 or vocab == 0:
-        return logp, lse, ent, lse_lo
+        return logp, row_max, ent, log_sum
     args = (
-        hidden, weight, bias if bias is not None else weight, targets, rows, logp, lse, lse_lo,
-        ent if with_entropy else lse,
+        hidden, weight, bias if bias is not None else weight, targets, rows, logp, row_max,
+        log_sum, ent if with_entropy else row_max,
         n_rows, vocab, d, float(softcap) if softcap is not None else 1.0, float(inv_temperature),
     )
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy)
     _launch("fwd", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]), args, flags,
             (n_rows, vocab, d), hidden.dtype)
-    return logp, lse, ent, lse_lo
+    return logp, row_max, ent, log_sum
 
 
 def logprobs_backward(
@@ -509,8 +508,8 @@ def logprobs_backward(
     weight: Tensor,
     bias: Optional[Tensor],
     targets: Tensor,
-    lse: Tensor,
-    lse_lo: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     entropy: Optional[Tensor],
     grad_logp: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -524,7 +523,8 @@ def logprobs_backward(
     """Backward of the fused op (Triton): recomputes logits tile by tile.
 
     Args:
-        lse, lse_lo, entropy: [N] fp32 from the forward (entropy only with grad_entropy).
+        row_max, log_sum, entropy: [N] fp32 from the forward (entropy only with
+            grad_entropy).
         grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
         grad_filter_eps: if set, a [BLOCK_N, BLOCK_V] tile whose max |dz| is below it
             skips its dh and dW GEMMs (an approximation; db stays exact). None: exact.
@@ -559,13 +559,13 @@ def logprobs_backward(
         return _out()
     coef = (g_lp - g_lse).contiguous()
     ent = entropy.float().contiguous() if use_ent else zero
-    lse = lse.float().contiguous()
-    lse_lo = lse_lo.float().contiguous()
+    row_max = row_max.float().contiguous()
+    log_sum = log_sum.float().contiguous()
     filt = grad_filter_eps is not None
     scalars = (n_rows, vocab, d, float(softcap) if softcap is not None else 1.0,
                float(inv_temperature), float(grad_filter_eps) if filt else 0.0)
-    common = (hidden, weight, bias if bias is not None else weight, targets, rows, lse, lse_lo,
-              ent,
+    common = (hidden, weight, bias if bias is not None else weight, targets, rows, row_max,
+              log_sum, ent,
               g_lp, coef, g_ent)
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_GENT=use_ent,
                  FILTER=filt)

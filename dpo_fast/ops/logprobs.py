@@ -115,6 +115,9 @@ def _backend(name: str):
 # ------------------------------------------------------------------- torch.library ops
 
 
+# Forward outputs: logp, lse, entropy, and for the backward the row max m and
+# log_sum = log sum exp(z - m) (kept apart: their rounded sum would cost the backward
+# fp32 accuracy at large |z|; see logprobs_torch).
 @torch.library.custom_op("dpo_fast::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(
     hidden: Tensor,
@@ -126,11 +129,12 @@ def _fwd_op(
     inv_temperature: float,
     with_entropy: bool,
     impl: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backend(impl).logprobs_forward(
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logp, row_max, ent, log_sum = _backend(impl).logprobs_forward(
         hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
         inv_temperature=inv_temperature, with_entropy=with_entropy,
     )
+    return logp, row_max + log_sum, ent, row_max, log_sum
 
 
 @_fwd_op.register_fake
@@ -138,7 +142,7 @@ def _(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, wit
     n = targets.shape[0]
     out = hidden.new_empty((n,), dtype=torch.float32)
     ent = hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32)
-    return out, torch.empty_like(out), ent, torch.empty_like(out)
+    return out, torch.empty_like(out), ent, torch.empty_like(out), torch.empty_like(out)
 
 
 @torch.library.custom_op("dpo_fast::linear_logprobs_bwd", mutates_args=())
@@ -147,8 +151,8 @@ def _bwd_op(
     weight: Tensor,
     bias: Optional[Tensor],
     targets: Tensor,
-    lse: Tensor,
-    lse_lo: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
     entropy: Optional[Tensor],
     grad_logp: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -159,8 +163,8 @@ def _bwd_op(
     impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dh, dw, db = _backend(impl).logprobs_backward(
-        hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_lse, grad_entropy,
-        ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
+        hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
+        grad_entropy, ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
     )
     if db is None:
         db = hidden.new_empty((0,))
@@ -168,7 +172,7 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_lse, grad_entropy,
+def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse, grad_entropy,
       ignore_index, softcap, inv_temperature, impl):
     db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), db
@@ -176,18 +180,18 @@ def _(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_lse, 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, with_entropy, impl = inputs
-    _, lse, ent, lse_lo = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, lse_lo, ent)
+    _, _, ent, row_max, log_sum = output
+    ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, ent)
     ctx.opts = (ignore_index, softcap, inv_temperature, with_entropy, impl)
 
 
-def _backward(ctx, g_logp, g_lse, g_ent, _g_lse_lo):
-    hidden, weight, bias, targets, lse, lse_lo, ent = ctx.saved_tensors
+def _backward(ctx, g_logp, g_lse, g_ent, _g_max, _g_log_sum):
+    hidden, weight, bias, targets, row_max, log_sum, ent = ctx.saved_tensors
     ignore_index, softcap, inv_temperature, with_entropy, impl = ctx.opts
     if not with_entropy:
         g_ent, ent = None, None
     dh, dw, db = _bwd_op(
-        hidden, weight, bias, targets, lse, lse_lo, ent, g_logp, g_lse, g_ent,
+        hidden, weight, bias, targets, row_max, log_sum, ent, g_logp, g_lse, g_ent,
         ignore_index, softcap, inv_temperature, impl,
     )
     return (
@@ -311,7 +315,7 @@ def linear_logprobs(
     name = _resolve_impl(impl, hidden.device)
     if name == "cpu" and _cpu_backend() is None:
         name = "torch"
-    logp, lse, ent, _ = _fwd_op(
+    logp, lse, ent, _, _ = _fwd_op(
         h2, w, bias, t1, ignore_index, None if softcap is None else float(softcap),
         1.0 / float(temperature), bool(return_entropy), name,
     )
