@@ -170,7 +170,9 @@ def main() -> None:
     md = (f"# linear log-probs, fwd+bwd ({args.device}, {args.dtype})\n\n"
           f"Machine: {info}. Peak fp32 matmul (preallocated output): {peak:.1f} GFLOP/s; "
           f"floor = 4 x 2*N*D*V FLOPs at that rate. Times in seconds (median of {args.reps}).\n"
-          "Extra memory: steady-state peak above inputs and gradients during one fwd+bwd.\n\n")
+          "Extra memory: steady-state peak above inputs and gradients during one fwd+bwd "
+          "(RSS high-water mark; values at or below 0 are within the allocator's few-MiB "
+          "slack between steps). `@ign50`: half of the positions are ignore_index.\n\n")
     md += harness.md_table(
         ["shape", "method", "fwd s", "bwd s", "fwd+bwd s", "x naive", "x 4-GEMM floor",
          "GFLOP/s (executed)", "extra MiB", "extra % of logits"], rows)

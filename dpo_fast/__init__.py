@@ -9,6 +9,11 @@ from .losses import (  # noqa: E402
     dpo_sigmoid_coefficients,
     preference_loss,
 )
+from .ops.dpo_loss import (  # noqa: E402
+    FusedPreferenceOutput,
+    fused_preference_loss,
+    fused_preference_loss_padded,
+)
 from .ops.logprobs import LinearLogprobs, linear_logprobs  # noqa: E402
 
 __all__ = [
@@ -16,6 +21,9 @@ __all__ = [
     "linear_logprobs",
     "LinearLogprobs",
     "preference_loss",
+    "fused_preference_loss",
+    "fused_preference_loss_padded",
+    "FusedPreferenceOutput",
     "PreferenceLossOutput",
     "dpo_sigmoid_coefficients",
     "LOSS_TYPES",

@@ -179,6 +179,7 @@ def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy for logging) cost nothing
     hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, with_entropy, impl = inputs
     _, _, ent, row_max, log_sum = output
     ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, ent)
@@ -266,6 +267,27 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
+def _linear_logprobs_flat(hidden, weight, targets, bias, ignore_index, softcap, temperature,
+                          with_entropy, impl):
+    """Checked, flattened call of the op: (logp, lse, entropy, row_max, log_sum), each [N]
+    (entropy [0] unless ``with_entropy``). Only logp / lse / entropy carry gradients."""
+    _check_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if not h2.is_contiguous():
+        h2 = h2.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    t1 = targets.reshape(-1).to(torch.int64)
+    if not torch.compiler.is_compiling():
+        _check_target_range(t1, weight.shape[0], ignore_index)
+    name = _resolve_impl(impl, hidden.device)
+    if name == "cpu" and _cpu_backend() is None:
+        name = "torch"
+    return _fwd_op(
+        h2, w, bias, t1, ignore_index, None if softcap is None else float(softcap),
+        1.0 / float(temperature), bool(with_entropy), name,
+    )
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -303,22 +325,9 @@ def linear_logprobs(
         :class:`LinearLogprobs` ``(logp, lse, entropy)`` (``lse`` and ``entropy`` are
         differentiable too; the unrequested one is None).
     """
-    _check_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl)
     lead = targets.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if not h2.is_contiguous():
-        h2 = h2.contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    t1 = targets.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling():
-        _check_target_range(t1, weight.shape[0], ignore_index)
-    name = _resolve_impl(impl, hidden.device)
-    if name == "cpu" and _cpu_backend() is None:
-        name = "torch"
-    logp, lse, ent, _, _ = _fwd_op(
-        h2, w, bias, t1, ignore_index, None if softcap is None else float(softcap),
-        1.0 / float(temperature), bool(return_entropy), name,
-    )
+    logp, lse, ent, _, _ = _linear_logprobs_flat(
+        hidden, weight, targets, bias, ignore_index, softcap, temperature, return_entropy, impl)
     logp = logp.view(lead)
     if not (return_lse or return_entropy):
         return logp

@@ -1,0 +1,263 @@
+"""Fused preference loss: hidden states + LM head -> DPO (or any preference) loss, no logits.
+
+Packed layout (no padding needed): all 2B sequences of a batch concatenated along one token
+axis. ``seq_index[i]`` says which sequence token position ``i`` belongs to; sequences
+``0..B-1`` are the chosen responses and ``B..2B-1`` the rejected ones (TRL / Liger order:
+pair ``j`` is ``(j, B + j)``). ``targets[i]`` is the next-token id predicted at position ``i``
+(``ignore_index`` on prompt and padding positions), so each sequence's log-prob is the sum of
+the per-token log-probs of its response tokens.
+
+Data flow: per-token log-probs (and, from the same pass, entropy and whether the target is
+the argmax) come from the fused op :func:`dpo_fast.linear_logprobs` (no [N, V] tensor);
+a segmented sum gives the [2B] sequence log-probs; :func:`dpo_fast.preference_loss` turns
+them into the loss. In backward the per-sequence coefficient dL/d(sequence logp) reaches
+every response token of its sequence and the log-prob backward recomputes the logits tile by
+tile, so memory stays O(N + tile).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..losses import REFERENCE_FREE_TYPES, PreferenceLossOutput, preference_loss
+from .logprobs import _linear_logprobs_flat
+
+_EMPTY_POLICIES = ("error", "drop")
+
+
+@dataclass(frozen=True)
+class FusedPreferenceOutput:
+    """Result of :func:`fused_preference_loss`. ``B`` = number of pairs kept.
+
+    Attributes:
+        loss: [] scalar mean over the kept pairs; differentiable w.r.t. hidden, weight, bias.
+        losses, chosen_rewards, rejected_rewards, margins, accuracies: [B] as in
+            :class:`dpo_fast.PreferenceLossOutput` (over the kept pairs).
+        policy_logps: [2B_in] detached per-sequence policy log-probs (all input sequences,
+            chosen first; 0.0 for a sequence with no response token).
+        lengths: [2B_in] int64 response-token counts per sequence.
+        kept: [B_in] bool, which pairs entered the loss (all True unless
+            ``empty_sequences="drop"`` dropped some).
+        num_dropped: number of pairs dropped for having an empty response.
+        chosen_entropy, rejected_entropy: [] mean softmax entropy over the response tokens of
+            the chosen / rejected sequences (detached; NaN if there are none).
+        chosen_token_accuracy, rejected_token_accuracy: [] fraction of those tokens whose
+            target is the argmax of the logits (detached; NaN if there are none).
+        preference: the full :class:`dpo_fast.PreferenceLossOutput` (per-type terms, ...).
+    """
+
+    loss: Tensor
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    margins: Tensor
+    accuracies: Tensor
+    policy_logps: Tensor
+    lengths: Tensor
+    kept: Tensor
+    num_dropped: int
+    chosen_entropy: Tensor
+    rejected_entropy: Tensor
+    chosen_token_accuracy: Tensor
+    rejected_token_accuracy: Tensor
+    preference: PreferenceLossOutput
+
+    @property
+    def accuracy(self) -> Tensor:
+        """[] mean reward accuracy (TRL's ``rewards/accuracies``)."""
+        return self.accuracies.mean()
+
+
+def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Tensor],
+                      num_pairs: Optional[int], ignore_index: int) -> int:
+    """Validates the packing and returns B (number of pairs)."""
+    if not isinstance(seq_index, Tensor) or seq_index.dtype.is_floating_point \
+            or seq_index.dtype == torch.bool:
+        raise ValueError("seq_index must be an integer tensor")
+    if seq_index.shape != targets.shape:
+        raise ValueError(f"seq_index shape {tuple(seq_index.shape)} must equal targets shape "
+                         f"{tuple(targets.shape)}")
+    if seq_index.device != targets.device:
+        raise ValueError(f"seq_index is on {seq_index.device} but targets on {targets.device}")
+    if ref_logps is not None:
+        if not isinstance(ref_logps, Tensor) or ref_logps.dim() != 1 \
+                or not ref_logps.dtype.is_floating_point:
+            raise ValueError("ref_logps must be a 1-D float tensor [2B]")
+        if ref_logps.numel() % 2:
+            raise ValueError(f"ref_logps must have 2B entries (chosen then rejected), got "
+                             f"{ref_logps.numel()}")
+        b = ref_logps.numel() // 2
+        if num_pairs is not None and num_pairs != b:
+            raise ValueError(f"num_pairs={num_pairs} but ref_logps has {ref_logps.numel()} "
+                             f"entries (expected {2 * num_pairs})")
+        if not bool(torch.isfinite(ref_logps).all()):
+            bad = (~torch.isfinite(ref_logps)).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"ref_logps has non-finite values at sequences {bad}")
+    elif num_pairs is not None:
+        b = int(num_pairs)
+    else:
+        valid = targets != ignore_index
+        top = int(seq_index[valid].max()) + 1 if bool(valid.any()) else 0
+        b = (top + 1) // 2
+    if b < 1:
+        raise ValueError("the batch holds no pair (no response token, no ref_logps, no num_pairs)")
+    valid = targets != ignore_index
+    sv = seq_index[valid]
+    bad = (sv < 0) | (sv >= 2 * b)
+    if bool(bad.any()):
+        pos = valid.nonzero().flatten()[bad][:5].tolist()
+        raise ValueError(f"seq_index must be in [0, {2 * b}) at response positions; "
+                         f"{int(bad.sum())} out of range, first at positions {pos}: "
+                         f"{sv[bad][:5].tolist()}")
+    return b
+
+
+def fused_preference_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    seq_index: Tensor,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    loss_type: Union[str, Sequence[str]] = "sigmoid",
+    loss_weights: Optional[Sequence[float]] = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    bias: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    num_pairs: Optional[int] = None,
+    empty_sequences: str = "error",
+    impl: str = "auto",
+    **type_specific,
+) -> FusedPreferenceOutput:
+    """Preference loss straight from hidden states, for a packed batch of 2B sequences.
+
+    Args:
+        hidden: [N, D] hidden states of all 2B sequences, packed (or [..., D], flattened).
+        weight: [V, D] LM-head weight (same dtype as hidden).
+        targets: [N] next-token ids; ``ignore_index`` on prompt / padding positions.
+        seq_index: [N] int, the sequence of each position: 0..B-1 chosen, B..2B-1 rejected
+            (pair j = (j, B + j)). Ignored positions may hold any value (e.g. -1).
+        ref_logps: [2B] reference sequence log-probs in the same order (e.g. from the
+            reference cache), or None for reference-free loss types.
+        loss_type, loss_weights, beta, label_smoothing, **type_specific: as in
+            :func:`dpo_fast.preference_loss` (e.g. ``simpo_gamma``, ``discopop_tau``).
+        bias, softcap, temperature, ignore_index, impl: as in :func:`dpo_fast.linear_logprobs`.
+        num_pairs: B, if neither ``ref_logps`` nor the data determine it (default: from
+            ``ref_logps``, else the largest sequence id with a response token).
+        empty_sequences: what a sequence with zero response tokens does: "error" (default,
+            ValueError naming the pairs) or "drop" (its pair leaves the loss; counted in
+            ``num_dropped``).
+
+    Returns:
+        :class:`FusedPreferenceOutput`.
+    """
+    if empty_sequences not in _EMPTY_POLICIES:
+        raise ValueError(f"empty_sequences must be one of {_EMPTY_POLICIES}, got "
+                         f"{empty_sequences!r}")
+    if not isinstance(targets, Tensor):
+        raise ValueError("targets must be a tensor")
+    targets = targets.reshape(-1)
+    seq_index = seq_index.reshape(-1) if isinstance(seq_index, Tensor) else seq_index
+    b = _check_seq_inputs(targets, seq_index, ref_logps, num_pairs, ignore_index)
+
+    logp, _, ent, row_max, log_sum = _linear_logprobs_flat(
+        hidden, weight, targets, bias, ignore_index, softcap, temperature, True, impl)
+
+    valid = targets != ignore_index
+    seq = torch.where(valid, seq_index.to(torch.int64), torch.zeros_like(targets))
+    n_seq = 2 * b
+    dev = logp.device
+    # Segmented sums (ignored positions add 0.0 to sequence 0: their logp is exactly 0),
+    # accumulated in float64: a sequential fp32 sum of hundreds of tokens would lose more
+    # than the per-token op's own error.
+    policy_logps = torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
+        0, seq, logp.double()).float()
+    lengths = torch.zeros(n_seq, dtype=torch.int64, device=dev).index_add(
+        0, seq, valid.to(torch.int64))
+
+    empty = (lengths[:b] == 0) | (lengths[b:] == 0)
+    if bool(empty.any()):
+        if empty_sequences == "error":
+            pairs = empty.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"{int(empty.sum())} pair(s) have a sequence with no response "
+                             f"token (first pairs {pairs}); pass empty_sequences='drop' to "
+                             "drop them")
+        if bool(empty.all()):
+            raise ValueError("every pair has an empty sequence; nothing to train on")
+    kept = ~empty
+    idx = kept.nonzero().flatten()
+    pc, pr = policy_logps[:b][idx], policy_logps[b:][idx]
+    lc, lr = lengths[:b][idx], lengths[b:][idx]
+    if ref_logps is not None:
+        ref = ref_logps.to(device=dev, dtype=torch.float32)
+        rc, rr = ref[:b][idx], ref[b:][idx]
+    else:
+        rc = rr = None
+    pref = preference_loss(
+        pc, pr, rc, rr, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+        label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
+        **type_specific,
+    )
+
+    with torch.no_grad():
+        # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
+        hit = (logp.detach() == -log_sum) & valid
+        chosen_tok = valid & (seq < b)
+        rejected_tok = valid & (seq >= b)
+
+        def _mean(x: Tensor, m: Tensor) -> Tensor:
+            k = m.sum()
+            return (x * m).sum() / k if bool(k > 0) else torch.tensor(math.nan, device=dev)
+
+        stats = dict(
+            chosen_entropy=_mean(ent, chosen_tok),
+            rejected_entropy=_mean(ent, rejected_tok),
+            chosen_token_accuracy=_mean(hit.float(), chosen_tok),
+            rejected_token_accuracy=_mean(hit.float(), rejected_tok),
+        )
+    return FusedPreferenceOutput(
+        loss=pref.loss, losses=pref.losses, chosen_rewards=pref.chosen_rewards,
+        rejected_rewards=pref.rejected_rewards, margins=pref.margins,
+        accuracies=pref.accuracies, policy_logps=policy_logps.detach(), lengths=lengths,
+        kept=kept, num_dropped=int(empty.sum()), preference=pref, **stats,
+    )
+
+
+def fused_preference_loss_padded(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ref_logps: Optional[Tensor] = None,
+    **kwargs,
+) -> FusedPreferenceOutput:
+    """:func:`fused_preference_loss` for padded batches.
+
+    Args:
+        hidden: [2B, T, D] hidden states, rows 0..B-1 chosen, B..2B-1 rejected.
+        targets: [2B, T] next-token ids (``ignore_index`` on prompt and padding positions).
+        ref_logps: [2B] or None. Other keyword arguments as in :func:`fused_preference_loss`.
+    """
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        raise ValueError("hidden must be [2B, T, D] for the padded layout")
+    if not isinstance(targets, Tensor) or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets must be [2B, T] = {tuple(hidden.shape[:2])}, got "
+                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else targets}")
+    if hidden.shape[0] % 2:
+        raise ValueError(f"padded layout needs an even number of rows (2B), got {hidden.shape[0]}")
+    rows, t = hidden.shape[:2]
+    seq_index = torch.arange(rows, device=targets.device).repeat_interleave(t)
+    kwargs.setdefault("num_pairs", rows // 2)
+    return fused_preference_loss(hidden.reshape(rows * t, -1), weight, targets.reshape(-1),
+                                 seq_index, ref_logps, **kwargs)
+
+
+__all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput",
+           "REFERENCE_FREE_TYPES"]

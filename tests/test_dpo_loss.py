@@ -1,0 +1,224 @@
+"""fused_preference_loss against an unfused reference: full logits -> log_softmax -> gather ->
+per-sequence sums -> preference_loss, in float64 (truth) and in the input dtype (the budget)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import dpo_fast
+from dpo_fast.kernels import logprobs_cpu
+from oracle import TOL
+
+IMPLS = ["torch", "triton"] + (
+    ["cpu"] if logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
+    else [])
+
+
+def _packed_batch(b, d, v, *, prompt_lens, resp_lens, seed=0, dtype=torch.float32, bias=False,
+                  scale=1.0):
+    """2B sequences packed back to back; prompt positions ignored; returns dict of tensors."""
+    g = torch.Generator().manual_seed(seed)
+    seq, tgt = [], []
+    for s in range(2 * b):
+        p, r = prompt_lens[s], resp_lens[s]
+        seq += [s] * (p + r)
+        tgt += [-100] * p + torch.randint(0, v, (r,), generator=g).tolist()
+    n = len(seq)
+    return dict(
+        hidden=(torch.randn(n, d, generator=g) * scale).to(dtype),
+        weight=(torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype),
+        bias=torch.randn(v, generator=g).to(dtype) if bias else None,
+        targets=torch.tensor(tgt),
+        seq_index=torch.tensor(seq),
+        ref_logps=-torch.rand(2 * b, generator=g) * 20 - 5,
+    )
+
+
+def unfused(batch, dtype, *, loss_type="sigmoid", beta=0.1, softcap=None, temperature=1.0,
+            **kw):
+    """The reference: every step materialized, computed in ``dtype``; returns loss, grads, stats."""
+    h = batch["hidden"].detach().to(dtype).requires_grad_()
+    w = batch["weight"].detach().to(dtype).requires_grad_()
+    bias = batch["bias"]
+    bb = bias.detach().to(dtype).requires_grad_() if bias is not None else None
+    t, s = batch["targets"], batch["seq_index"]
+    z = h @ w.T
+    if bb is not None:
+        z = z + bb
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logsm = torch.log_softmax(z, dim=-1)
+    valid = t != -100
+    tok = logsm.gather(1, t.clamp(min=0)[:, None])[:, 0] * valid
+    n_seq = batch["ref_logps"].numel()
+    b = n_seq // 2
+    seq_logps = torch.stack([tok[(s == i) & valid].sum() for i in range(n_seq)])
+    lens = torch.stack([((s == i) & valid).sum() for i in range(n_seq)])
+    ref = batch["ref_logps"].to(dtype)
+    out = dpo_fast.preference_loss(seq_logps[:b], seq_logps[b:], ref[:b], ref[b:],
+                                   loss_type=loss_type, beta=beta, chosen_lengths=lens[:b],
+                                   rejected_lengths=lens[b:], **kw)
+    out.loss.backward()
+    ent = -(logsm.exp() * logsm).sum(-1)
+    top2 = z.detach().topk(min(2, z.shape[1]), dim=1).values
+    gap = top2[:, 0] - top2[:, 1] if z.shape[1] > 1 else torch.full_like(top2[:, 0], math.inf)
+    hit = (z.detach().argmax(1) == t) & valid
+    return dict(loss=out.loss.detach(), d_hidden=h.grad, d_weight=w.grad,
+                d_bias=bb.grad if bb is not None else None, policy_logps=seq_logps.detach(),
+                lengths=lens, rewards=(out.chosen_rewards, out.rejected_rewards), ent=ent.detach(),
+                hit=hit, gap=gap, valid=valid, b=b)
+
+
+def _assert_rule(name, got, same, truth, dtype):
+    err = (got.double() - truth.double()).abs().max().item()
+    ref = (same.double() - truth.double()).abs().max().item()
+    assert err <= ref + TOL[dtype], f"{name}: err {err:.3g} > same-dtype {ref:.3g} + {TOL[dtype]}"
+
+
+def _check(batch, impl, dtype=torch.float32, **kw):
+    truth = unfused(batch, torch.float64, **kw)
+    same = unfused(batch, dtype, **kw)
+    h = batch["hidden"].clone().requires_grad_()
+    w = batch["weight"].clone().requires_grad_()
+    bias = batch["bias"].clone().requires_grad_() if batch["bias"] is not None else None
+    out = dpo_fast.fused_preference_loss(h, w, batch["targets"], batch["seq_index"],
+                                         batch["ref_logps"], bias=bias, impl=impl, **kw)
+    out.loss.backward()
+    _assert_rule("loss", out.loss.detach(), same["loss"], truth["loss"], dtype)
+    _assert_rule("policy_logps", out.policy_logps, same["policy_logps"], truth["policy_logps"],
+                 dtype)
+    _assert_rule("chosen_rewards", out.chosen_rewards, same["rewards"][0], truth["rewards"][0],
+                 dtype)
+    assert torch.equal(out.lengths, truth["lengths"])
+    _assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], dtype)
+    _assert_rule("d_weight", w.grad, same["d_weight"], truth["d_weight"], dtype)
+    if bias is not None:
+        _assert_rule("d_bias", bias.grad, same["d_bias"], truth["d_bias"], dtype)
+    # Metrics from the same pass: entropy means and target-is-argmax accuracy.
+    b = truth["b"]
+    seq = batch["seq_index"]
+    for part, m in (("chosen", truth["valid"] & (seq < b)), ("rejected", truth["valid"] & (seq >= b))):
+        ent_truth = truth["ent"][m].mean()
+        ent_same = same["ent"][m].mean()
+        _assert_rule(f"{part}_entropy", getattr(out, f"{part}_entropy"), ent_same, ent_truth,
+                     dtype)
+        # Near-ties (top-2 logits within 1e-4) may round either way in low precision.
+        ties = (truth["gap"][m] < 1e-4).sum().item()
+        acc_truth = truth["hit"][m].double().mean().item()
+        acc = getattr(out, f"{part}_token_accuracy").item()
+        assert abs(acc - acc_truth) <= ties / m.sum().item() + 1e-6, (part, acc, acc_truth)  # fp32 mean
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [
+    dict(b=1, d=63, v=1003, prompt=[3, 5], resp=[4, 9]),
+    dict(b=3, d=96, v=3, prompt=[2, 0, 7, 1, 1, 4], resp=[5, 1, 30, 2, 8, 11]),
+    dict(b=4, d=96, v=1003, prompt=[10] * 8, resp=[17, 3, 40, 8, 9, 25, 1, 12]),
+    dict(b=2, d=576, v=4099, prompt=[6, 20, 3, 9], resp=[50, 11, 70, 33]),
+], ids=["B1", "V3-uneven", "B4", "D576"])
+def test_fused_matches_unfused_packed(impl, case):
+    batch = _packed_batch(case["b"], case["d"], case["v"], prompt_lens=case["prompt"],
+                          resp_lens=case["resp"], bias=True)
+    _check(batch, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("opts", [
+    dict(softcap=30.0), dict(temperature=0.7), dict(loss_type="ipo"),
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    dict(loss_type="sigmoid", label_smoothing=0.1), dict(loss_type="apo_zero", beta=0.5),
+], ids=["softcap", "temp", "ipo", "sigmoid+sft", "cdpo", "apo_zero"])
+def test_fused_options(impl, opts):
+    batch = _packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                          bias=True, scale=2.0)
+    _check(batch, impl, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_half_dtypes(impl, dtype):
+    batch = _packed_batch(2, 96, 1003, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                          dtype=dtype)
+    _check(batch, impl, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"][: 1 + ("cpu" in IMPLS)])
+def test_padded_layout_equals_packed(impl):
+    b, t, d, v = 2, 12, 48, 500
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2 * b, t, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / d**0.5
+    targets = torch.randint(0, v, (2 * b, t), generator=g)
+    resp = [5, 9, 2, 8]
+    for r, n_resp in enumerate(resp):  # prompt first, response, then padding
+        targets[r, :3] = -100
+        targets[r, 3 + n_resp:] = -100
+    ref = -torch.rand(2 * b, generator=g) * 10
+    padded = dpo_fast.fused_preference_loss_padded(hidden, weight, targets, ref, impl=impl)
+    keep = (targets != -100).reshape(-1)
+    seq = torch.arange(2 * b).repeat_interleave(t)
+    packed = dpo_fast.fused_preference_loss(hidden.reshape(-1, d)[keep], weight,
+                                            targets.reshape(-1)[keep], seq[keep], ref, impl=impl)
+    assert torch.equal(padded.lengths, torch.tensor(resp))
+    torch.testing.assert_close(padded.loss, packed.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(padded.policy_logps, packed.policy_logps, rtol=0, atol=1e-5)
+
+
+def test_known_answer_at_init_is_ln2():
+    # Reference == policy log-probs: h = 0 and the sigmoid loss is ln 2, grads -beta/2, +beta/2.
+    batch = _packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
+    first = dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                           batch["seq_index"], batch["ref_logps"], impl="torch")
+    out = dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                         batch["seq_index"], first.policy_logps, impl="torch")
+    assert abs(out.loss.item() - math.log(2)) < 1e-6
+    assert (out.accuracies == 0).all() and (out.margins == 0).all()
+
+
+def test_empty_sequence_error_or_drop():
+    batch = _packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 0, 3, 5, 6, 2])
+    args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"],
+            batch["ref_logps"])
+    with pytest.raises(ValueError, match=r"no response token \(first pairs \[1\]\)"):
+        dpo_fast.fused_preference_loss(*args, impl="torch")
+    out = dpo_fast.fused_preference_loss(*args, impl="torch", empty_sequences="drop")
+    assert out.num_dropped == 1 and out.kept.tolist() == [True, False, True]
+    assert out.losses.shape == (2,)
+    # Equal to the loss over the two surviving pairs computed by hand.
+    pl, ref = out.policy_logps, batch["ref_logps"]
+    want = dpo_fast.preference_loss(pl[[0, 2]], pl[[3, 5]], ref[[0, 2]], ref[[3, 5]]).loss
+    torch.testing.assert_close(out.loss.detach(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda b: b.update(seq_index=torch.where(b["targets"] != -100, 9, 0)), "seq_index must be in"),
+    (lambda b: b.update(ref_logps=b["ref_logps"][:5]), "2B entries"),
+    (lambda b: b.update(ref_logps=torch.cat([b["ref_logps"], b["ref_logps"]])),
+     "seq_index must be in|no response token"),
+    (lambda b: b["ref_logps"].__setitem__(2, float("nan")), "non-finite values at sequences"),
+    (lambda b: b.update(seq_index=b["seq_index"][:-1]), "seq_index shape"),
+    (lambda b: b.update(seq_index=b["seq_index"].float()), "seq_index must be an integer"),
+])
+def test_bad_inputs(mutate, match):
+    batch = _packed_batch(3, 16, 50, prompt_lens=[1] * 6, resp_lens=[2] * 6)
+    mutate(batch)
+    with pytest.raises(ValueError, match=match):
+        dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                       batch["seq_index"], batch["ref_logps"], impl="torch")
+
+
+def test_reference_based_type_without_reference_is_refused():
+    batch = _packed_batch(1, 16, 50, prompt_lens=[1, 1], resp_lens=[2, 2])
+    with pytest.raises(ValueError, match="ref"):
+        dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                       batch["seq_index"], None, impl="torch")
+    out = dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                         batch["seq_index"], None, loss_type="simpo",
+                                         impl="torch")
+    assert torch.isfinite(out.loss)
