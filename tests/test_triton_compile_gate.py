@@ -6,6 +6,7 @@ compiled, so the gate runs in a subprocess without it.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,4 +33,5 @@ def test_compile_gate_sm80_sm90():
     )
     print(proc.stdout)
     assert proc.returncode == 0, f"compile gate failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert "36/36 ok" in proc.stdout, proc.stdout
+    m = re.search(r"compile gate: (\d+)/(\d+) ok", proc.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 38, proc.stdout

@@ -14,6 +14,10 @@ Kernels (one program per tile, logits only ever exist as one [BLOCK_N, BLOCK_V] 
 - ``_bwd_dw_kernel``: one program per vocab tile; recomputes z tiles, forms dz and
   accumulates dW += dz^T @ h (and db) into fp32 rows it alone owns.
 
+Fused-DPO mode (constexpr ``SEQ_GRAD``): given ``seq_index`` [N] and ``seq_grad`` [S], the
+backward kernels gather each token's upstream grad ``seq_grad[seq_index[row]]`` themselves,
+so no [N] gradient tensor is built on the host.
+
 Backward is deterministic: no atomics; each accumulator has exactly one owner and the
 loop order is fixed. Ignored positions are never loaded: the host builds a compact int32
 index of the rows to process and the kernels read ``hidden`` through it.
@@ -203,15 +207,24 @@ def _dz_tile(
 
 @triton.jit
 def _load_row_scalars(
-    TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT: tl.constexpr,
+    TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, ROWS, offs_n, n_rows,
+    HAS_GENT: tl.constexpr, SEQ_GRAD: tl.constexpr,
 ):
     mask_n = offs_n < n_rows
     rows = tl.load(ROWS + offs_n, mask=mask_n, other=0).to(tl.int64)
     tgt = tl.load(TGT + rows, mask=mask_n, other=-1)
     rmax = tl.load(RMAX + rows, mask=mask_n, other=0.0)
     logs = tl.load(LOGS + rows, mask=mask_n, other=0.0)
-    glp = tl.load(GLP + rows, mask=mask_n, other=0.0)
-    coef = tl.load(COEF + rows, mask=mask_n, other=0.0)
+    if SEQ_GRAD:
+        # Upstream grad of a token = its sequence's grad, gathered here (no [N] grad tensor
+        # on the host). ROWS holds only valid positions, so an ignored position's sequence
+        # id (e.g. -1) is never used; there is no grad_lse in this mode, so coef = glp.
+        sid = tl.load(SIDX + rows, mask=mask_n, other=0)
+        glp = tl.load(SEQG + sid, mask=mask_n, other=0.0)
+        coef = glp
+    else:
+        glp = tl.load(GLP + rows, mask=mask_n, other=0.0)
+        coef = tl.load(COEF + rows, mask=mask_n, other=0.0)
     if HAS_GENT:
         ge = tl.load(GENT + rows, mask=mask_n, other=0.0)
         he = tl.load(ENT + rows, mask=mask_n, other=0.0)
@@ -252,16 +265,18 @@ def _round_like(x, W, UPCAST: tl.constexpr):
 
 @triton.jit
 def _bwd_dh_kernel(
-    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, DH,
+    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, DH,
     n_rows, V, D, softcap, inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
+    SEQ_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n, rows, tgt, rmax, logs, glp, coef, ge, he = _load_row_scalars(
-        TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+        TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, ROWS, offs_n, n_rows, HAS_GENT,
+            SEQ_GRAD)
     row_off = rows * D
     offs_d = tl.arange(0, BLOCK_D)
     for v0 in range(0, V, BLOCK_V):
@@ -293,9 +308,10 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, DW, DB,
+    H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, DW, DB,
     n_rows, V, D, softcap, inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, FILTER: tl.constexpr,
+    SEQ_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -308,7 +324,8 @@ def _bwd_dw_kernel(
     for n0 in range(0, n_rows, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n, rows, tgt, rmax, logs, glp, coef, ge, he = _load_row_scalars(
-            TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, ROWS, offs_n, n_rows, HAS_GENT)
+            TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, ROWS, offs_n, n_rows, HAS_GENT,
+            SEQ_GRAD)
         row_off = rows * D
         z, t = _logits_tile(
             H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
@@ -347,7 +364,7 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 _ARG_TYPES = {
     "H": "*{dt}", "W": "*{dt}", "B": "*{dt}", "TGT": "*i64", "ROWS": "*i32",
     "LOGP": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32", "GLP": "*fp32", "COEF": "*fp32",
-    "GENT": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32",
+    "GENT": "*fp32", "SIDX": "*i64", "SEQG": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32",
     "n_rows": "i32", "V": "i32", "D": "i32",
     "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32",
 }
@@ -378,14 +395,17 @@ def _blocks(name: str, dtype: torch.dtype, n: int, v: int, d: int,
 def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
     """What the compile gate needs to build every kernel at its default GPU config.
 
-    One entry per kernel, with every feature flag (bias, softcap, entropy, filtering) on
-    when ``features`` (the largest register footprint), else off (the common fast path):
+    One entry per kernel, with every feature flag (bias, softcap, entropy, filtering, the
+    backward's in-kernel per-sequence gradient gather ``SEQ_GRAD``) on when ``features``
+    (the largest register footprint), else off (the common fast path), so the gate compiles
+    both the [N]-grad and the per-sequence-grad variants of the backward kernels:
     ``name``, ``fn`` (the JITFunction), ``signature`` (arg name -> Triton type or
     "constexpr"), ``constexprs``, ``attrs`` (ASTSource divisibility hints), ``options``
     (num_warps, num_stages), ``gemm`` (whether its PTX must hold tensor-core mma/wgmma).
     """
     dt = _TRITON_DTYPE[dtype]
-    flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "HAS_GENT", "FILTER")}
+    flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "HAS_GENT", "FILTER",
+                                   "SEQ_GRAD")}
     specs = []
     for name, fn in _KERNELS.items():
         cfg = default_config(name, dtype)
@@ -519,6 +539,8 @@ def logprobs_backward(
     softcap: Optional[float],
     inv_temperature: float,
     grad_filter_eps: Optional[float] = None,
+    seq_index: Optional[Tensor] = None,
+    seq_grad: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward of the fused op (Triton): recomputes logits tile by tile.
 
@@ -528,6 +550,16 @@ def logprobs_backward(
         grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
         grad_filter_eps: if set, a [BLOCK_N, BLOCK_V] tile whose max |dz| is below it
             skips its dh and dW GEMMs (an approximation; db stays exact). None: exact.
+        seq_index, seq_grad: per-sequence upstream grad (the fused DPO loss), given together
+            and only with ``grad_logp is None and grad_lse is None``. ``seq_index`` [N] int
+            is each position's sequence id in [0, S) (any value, e.g. -1, at ignored
+            positions: it is never read there); ``seq_grad`` [S] fp32 is dL/d(sequence
+            logp). The kernels then gather ``grad_logp[i] = seq_grad[seq_index[i]]`` in-kernel
+            (constexpr ``SEQ_GRAD``), so no [N] gradient tensor is built on the host; the
+            result equals the [N]-grad path with ``grad_logp = seq_grad[seq_index] * valid``
+            (bitwise when every valid position's sequence grad is nonzero; otherwise to fp32
+            summation-order noise, since zero-grad rows are then not skipped). ``grad_entropy``
+            is still supported in this mode; ``grad_lse`` is refused (ValueError).
     Returns:
         grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
         grad_bias [V] (bias.dtype) or None.
@@ -545,20 +577,49 @@ def logprobs_backward(
         return (dh.to(hidden.dtype), dw.to(weight.dtype),
                 db.to(bias.dtype) if db is not None else None)
 
-    zero = torch.zeros(n, dtype=torch.float32, device=dev)
-    g_lp = grad_logp.float().contiguous() if grad_logp is not None else zero
-    g_lse = grad_lse.float() if grad_lse is not None else zero
+    use_seq = seq_grad is not None or seq_index is not None
+    if use_seq:
+        if seq_grad is None or seq_index is None:
+            raise ValueError("seq_index and seq_grad must be given together")
+        if grad_logp is not None or grad_lse is not None:
+            raise ValueError("seq_grad replaces grad_logp, and grad_lse is not supported "
+                             "with it: pass grad_logp=None, grad_lse=None")
+        if seq_index.shape != (n,) or seq_index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"seq_index must be [N={n}] int64, got "
+                             f"{tuple(seq_index.shape)} {seq_index.dtype}")
+        if seq_grad.dim() != 1:
+            raise ValueError(f"seq_grad must be [S], got {tuple(seq_grad.shape)}")
+        seq_index = seq_index.to(device=dev, dtype=torch.int64).contiguous()
+        seq_grad = seq_grad.to(device=dev, dtype=torch.float32).contiguous()
     use_ent = grad_entropy is not None
     if use_ent and (entropy is None or entropy.numel() != n):
         raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")
-    g_ent = grad_entropy.float().contiguous() if use_ent else zero
-    live = (targets != ignore_index) & ((g_lp != 0) | (g_lse != 0) | (g_ent != 0))
-    rows = live.nonzero().squeeze(1).to(torch.int32)
-    n_rows = rows.numel()
+    if use_seq:
+        # Every valid row is processed (its sequence grad is only known in-kernel).
+        rows = (targets != ignore_index).nonzero().squeeze(1).to(torch.int32)
+        n_rows = rows.numel()
+        if n_rows and vocab:
+            sids = seq_index[rows.long()]
+            if int(sids.min()) < 0 or int(sids.max()) >= seq_grad.numel():
+                raise ValueError(f"seq_index of a valid position is outside [0, "
+                                 f"{seq_grad.numel()})")
+        # GLP/COEF are never read with SEQ_GRAD: any fp32 pointer will do.
+        g_lp = coef = row_max
+        g_ent = grad_entropy.float().contiguous() if use_ent else row_max
+        ent = entropy.float().contiguous() if use_ent else row_max
+    else:
+        zero = torch.zeros(n, dtype=torch.float32, device=dev)
+        g_lp = grad_logp.float().contiguous() if grad_logp is not None else zero
+        g_lse = grad_lse.float() if grad_lse is not None else zero
+        g_ent = grad_entropy.float().contiguous() if use_ent else zero
+        live = (targets != ignore_index) & ((g_lp != 0) | (g_lse != 0) | (g_ent != 0))
+        rows = live.nonzero().squeeze(1).to(torch.int32)
+        n_rows = rows.numel()
+        coef = (g_lp - g_lse).contiguous() if n_rows and vocab else zero
+        ent = entropy.float().contiguous() if use_ent else zero
+        seq_index, seq_grad = targets, g_lp  # placeholders, never read without SEQ_GRAD
     if n_rows == 0 or vocab == 0:
         return _out()
-    coef = (g_lp - g_lse).contiguous()
-    ent = entropy.float().contiguous() if use_ent else zero
     row_max = row_max.float().contiguous()
     log_sum = log_sum.float().contiguous()
     filt = grad_filter_eps is not None
@@ -566,9 +627,9 @@ def logprobs_backward(
                float(inv_temperature), float(grad_filter_eps) if filt else 0.0)
     common = (hidden, weight, bias if bias is not None else weight, targets, rows, row_max,
               log_sum, ent,
-              g_lp, coef, g_ent)
+              g_lp, coef, g_ent, seq_index, seq_grad)
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_GENT=use_ent,
-                 FILTER=filt)
+                 FILTER=filt, SEQ_GRAD=use_seq)
     sizes = (n_rows, vocab, d)
     _launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
             common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..losses import REFERENCE_FREE_TYPES, PreferenceLossOutput, preference_loss
-from .logprobs import _linear_logprobs_flat
+from .logprobs import _backend, _check_inputs, _check_target_range, _cpu_backend, _resolve_impl
 
 _EMPTY_POLICIES = ("error", "drop")
 
@@ -117,6 +117,128 @@ def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Te
     return b
 
 
+# ------------------------------------------------------------------ sequence-level op
+# Forward: per-token log-probs (plus entropy, row max and log-sum for the metrics) and
+# their per-sequence sums. Backward: takes dL/d(sequence logp) [S] and hands it to the
+# log-prob backward; the Triton backend gathers it per token inside its kernels, the CPU
+# backends expand it to an [N] vector (O(N), never [N, V]).
+
+
+@torch.library.custom_op("dpo_fast::seq_logprobs_fwd", mutates_args=())
+def _seq_fwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
+    num_seqs: int, ignore_index: int, softcap: Optional[float], inv_temperature: float,
+    impl: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logp, row_max, ent, log_sum = _backend(impl).logprobs_forward(
+        hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
+        inv_temperature=inv_temperature, with_entropy=True,
+    )
+    # float64 accumulation: a sequential fp32 sum of hundreds of tokens would lose more than
+    # the per-token op's own error. Ignored positions add exactly 0.0 (to sequence 0).
+    seq_logps = torch.zeros(num_seqs, dtype=torch.float64, device=logp.device).index_add(
+        0, seq, logp.double()).float()
+    return seq_logps, logp, ent, row_max, log_sum
+
+
+@_seq_fwd.register_fake
+def _(hidden, weight, bias, targets, seq, num_seqs, ignore_index, softcap, inv_temperature, impl):
+    n = targets.shape[0]
+    per_tok = hidden.new_empty((n,), dtype=torch.float32)
+    return (hidden.new_empty((num_seqs,), dtype=torch.float32), per_tok,
+            torch.empty_like(per_tok), torch.empty_like(per_tok), torch.empty_like(per_tok))
+
+
+@torch.library.custom_op("dpo_fast::seq_logprobs_bwd", mutates_args=())
+def _seq_bwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
+    row_max: Tensor, log_sum: Tensor, seq_grad: Tensor, ignore_index: int,
+    softcap: Optional[float], inv_temperature: float, impl: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = _backend(impl)
+    kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature)
+    g = seq_grad.float()
+    if impl == "triton" and _triton_takes_seq_grad(backend):
+        dh, dw, db = backend.logprobs_backward(
+            hidden, weight, bias, targets, row_max, log_sum, None, None, None, None,
+            seq_index=seq, seq_grad=g, **kw)
+    else:
+        g_tok = g.index_select(0, seq) * (targets != ignore_index)
+        dh, dw, db = backend.logprobs_backward(
+            hidden, weight, bias, targets, row_max, log_sum, None, g_tok, None, None, **kw)
+    return dh, dw, (db if db is not None else hidden.new_empty((0,)))
+
+
+@_seq_bwd.register_fake
+def _(hidden, weight, bias, targets, seq, row_max, log_sum, seq_grad, ignore_index, softcap,
+      inv_temperature, impl):
+    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _triton_takes_seq_grad(backend) -> bool:
+    import inspect
+
+    return "seq_grad" in inspect.signature(backend.logprobs_backward).parameters
+
+
+def _seq_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    hidden, weight, bias, targets, seq, _, ignore_index, softcap, inv_temperature, impl = inputs
+    _, _, _, row_max, log_sum = output
+    ctx.save_for_backward(hidden, weight, bias, targets, seq, row_max, log_sum)
+    ctx.opts = (ignore_index, softcap, inv_temperature, impl)
+
+
+def _seq_backward(ctx, g_seq, *_unused):
+    hidden, weight, bias, targets, seq, row_max, log_sum = ctx.saved_tensors
+    if g_seq is None:
+        return (None,) * 10
+    dh, dw, db = _seq_bwd(hidden, weight, bias, targets, seq, row_max, log_sum, g_seq,
+                          *ctx.opts)
+    return (dh if ctx.needs_input_grad[0] else None,
+            dw if ctx.needs_input_grad[1] else None,
+            db if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("dpo_fast::seq_logprobs_fwd", _seq_backward,
+                                setup_context=_seq_setup)
+
+
+class _TritonDPOSigmoid(torch.autograd.Function):
+    """Mean sigmoid (c)DPO loss over B pairs from the Triton kernel, which returns the
+    per-pair loss and its closed-form gradients in one launch."""
+
+    @staticmethod
+    def forward(ctx, pc, pr, rc, rr, beta, eps):
+        from ..kernels import dpo_triton
+
+        losses, gc, gr, rew_c, rew_r = dpo_triton.dpo_sigmoid_loss(
+            torch.cat([pc, pr]).float(), torch.cat([rc, rr]).float(), beta, eps)
+        ctx.save_for_backward(gc, gr)
+        ctx.mark_non_differentiable(rew_c, rew_r)
+        return losses, rew_c, rew_r
+
+    @staticmethod
+    def backward(ctx, g_losses, _g_rc, _g_rr):
+        gc, gr = ctx.saved_tensors
+        if g_losses is None:
+            return None, None, None, None, None, None
+        return g_losses * gc, g_losses * gr, None, None, None, None
+
+
+def _triton_sigmoid(pc, pr, rc, rr, beta, eps) -> PreferenceLossOutput:
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps!r}")
+    losses, rew_c, rew_r = _TritonDPOSigmoid.apply(pc, pr, rc, rr, beta, eps)
+    return PreferenceLossOutput(
+        loss=losses.mean(), losses=losses, terms=(losses,), chosen_rewards=rew_c,
+        rejected_rewards=rew_r, margins=rew_c - rew_r, accuracies=(rew_c > rew_r).float())
+
+
 def fused_preference_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -168,18 +290,25 @@ def fused_preference_loss(
     seq_index = seq_index.reshape(-1) if isinstance(seq_index, Tensor) else seq_index
     b = _check_seq_inputs(targets, seq_index, ref_logps, num_pairs, ignore_index)
 
-    logp, _, ent, row_max, log_sum = _linear_logprobs_flat(
-        hidden, weight, targets, bias, ignore_index, softcap, temperature, True, impl)
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor [N, D]")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    _check_inputs(h2, weight, targets, bias, ignore_index, softcap, temperature, impl)
+    h2 = h2 if h2.is_contiguous() else h2.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    targets = targets.to(torch.int64)
+    _check_target_range(targets, weight.shape[0], ignore_index)
+    name = _resolve_impl(impl, hidden.device)
+    if name == "cpu" and _cpu_backend() is None:
+        name = "torch"
 
     valid = targets != ignore_index
     seq = torch.where(valid, seq_index.to(torch.int64), torch.zeros_like(targets))
     n_seq = 2 * b
+    policy_logps, logp, ent, row_max, log_sum = _seq_fwd(
+        h2, w, bias, targets, seq, n_seq, ignore_index,
+        None if softcap is None else float(softcap), 1.0 / float(temperature), name)
     dev = logp.device
-    # Segmented sums (ignored positions add 0.0 to sequence 0: their logp is exactly 0),
-    # accumulated in float64: a sequential fp32 sum of hundreds of tokens would lose more
-    # than the per-token op's own error.
-    policy_logps = torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
-        0, seq, logp.double()).float()
     lengths = torch.zeros(n_seq, dtype=torch.int64, device=dev).index_add(
         0, seq, valid.to(torch.int64))
 
@@ -201,15 +330,19 @@ def fused_preference_loss(
         rc, rr = ref[:b][idx], ref[b:][idx]
     else:
         rc = rr = None
-    pref = preference_loss(
-        pc, pr, rc, rr, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
-        label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
-        **type_specific,
-    )
+    if (name == "triton" and loss_type == "sigmoid" and rc is not None and not type_specific
+            and loss_weights is None):
+        pref = _triton_sigmoid(pc, pr, rc, rr, float(beta), float(label_smoothing))
+    else:
+        pref = preference_loss(
+            pc, pr, rc, rr, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+            label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
+            **type_specific,
+        )
 
     with torch.no_grad():
         # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
-        hit = (logp.detach() == -log_sum) & valid
+        hit = (logp == -log_sum) & valid
         chosen_tok = valid & (seq < b)
         rejected_tok = valid & (seq >= b)
 

@@ -1,0 +1,167 @@
+"""Benchmark: the DPO loss layer (hidden states -> sigmoid DPO loss, fwd+bwd), side by side.
+
+B pairs of T tokens (2B sequences, chosen first), D hidden, V vocab, fp32; the first
+``--prompt-len`` positions of every sequence are prompt (ignore_index). Methods, each case in
+a fresh process:
+  naive            full [2B*T, V] logits -> log_softmax -> gather -> masked sums -> DPO loss
+  dpo_fast         dpo_fast.fused_preference_loss_padded (memory-flat, reference log-probs
+                   given, i.e. from the cache: no reference GEMM)
+  liger+ref        Liger LigerFusedLinearDPOLoss(use_ref_model=True), the same hidden states
+                   passed as reference input (its only way to take a reference: a second pass)
+  liger-noref      Liger with use_ref_model=False (no reference term; a lower bound on its time)
+  cce              cut_cross_entropy.linear_cross_entropy(reduction="none", torch_compile)
+                   per-token NLL -> masked sums -> DPO loss with the given reference log-probs
+
+Writes benchmarks/results/dpo_loss_<device>_p<prompt>.{json,md}.
+
+    python benchmarks/bench_dpo_loss.py [--prompt-len 0] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+METHODS = ["naive", "dpo_fast", "liger+ref", "liger-noref", "cce"]
+BETA = 0.1
+
+
+def _dpo_from_token_logps(tok_logps, targets, ref_logps, b):
+    """tok_logps [2B, T] (0 where ignored) -> sigmoid DPO loss with reference [2B]."""
+    seq = tok_logps.sum(-1)
+    h = (seq[:b] - ref_logps[:b]) - (seq[b:] - ref_logps[b:])
+    return -F.logsigmoid(BETA * h).mean()
+
+
+def make_fn(method: str, b: int):
+    """f(hidden [2B,T,D], weight [V,D], targets [2B,T], ref [2B]) -> scalar loss."""
+    if method == "naive":
+        def f(h, w, t, ref):
+            logits = (h @ w.T).float()
+            lp = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+            return _dpo_from_token_logps(lp * (t != -100), t, ref, b)
+        return f
+    if method == "dpo_fast":
+        import dpo_fast
+
+        return lambda h, w, t, ref: dpo_fast.fused_preference_loss_padded(
+            h, w, t, ref, beta=BETA, impl="auto").loss
+    if method.startswith("liger"):
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        use_ref = method == "liger+ref"
+        loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=use_ref)
+
+        def f(h, w, t, ref):
+            if use_ref:
+                out = loss_fn(w, h, t, ref_input=h.detach(), ref_weight=w.detach())
+            else:
+                out = loss_fn(w, h, t)
+            return out[0] if isinstance(out, tuple) else out
+        return f
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def f(h, w, t, ref):
+            nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, t.reshape(-1),
+                                       reduction="none", impl="torch_compile")
+            return _dpo_from_token_logps(-nll.view(t.shape) * (t != -100), t, ref, b)
+        return f
+    raise ValueError(method)
+
+
+def worker(method, b, t, d, v, prompt, reps):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    hidden = torch.randn(2 * b, t, d).requires_grad_()
+    weight = (torch.randn(v, d) / d**0.5).requires_grad_()
+    targets = torch.randint(0, v, (2 * b, t))
+    targets[:, :prompt] = -100
+    ref = -torch.rand(2 * b) * 50 - 100
+    fn = make_fn(method, b)
+
+    def step():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets, ref).backward()
+
+    step()  # warm-up (torch.compile, thread pools)
+    step()
+    t_all = harness.time_fn(step, reps)
+    hidden.grad.fill_(1.0)
+    weight.grad.fill_(1.0)
+    base = harness.rss_bytes()
+    hidden.grad = weight.grad = None
+    harness.reset_hwm()
+    fn(hidden, weight, targets, ref).backward()
+    extra = harness.hwm_bytes() - base
+    return {"method": method, "time": t_all["median"], "p20": t_all["p20"], "p80": t_all["p80"],
+            "extra_bytes": extra}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=576)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--prompt-len", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--worker", metavar="METHOD")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.pairs, a.seq, a.dim, a.vocab, a.prompt_len, a.reps)))
+        return
+    peak = harness.peak_matmul_gflops()
+    print(f"peak fp32 matmul: {peak:.1f} GFLOP/s", flush=True)
+    shape = ["--pairs", str(a.pairs), "--seq", str(a.seq), "--dim", str(a.dim), "--vocab",
+             str(a.vocab), "--prompt-len", str(a.prompt_len), "--reps", str(a.reps)]
+    results = []
+    for m in a.methods.split(","):
+        r = harness.run_worker(Path(__file__), [m] + shape)
+        r["method"] = m
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    n_tok = 2 * a.pairs * a.seq
+    n_resp = 2 * a.pairs * (a.seq - a.prompt_len)
+    gemm = 2 * a.dim * a.vocab
+    by = {r["method"]: r for r in results if "time" in r}
+    rows = []
+    for r in results:
+        if "time" not in r:
+            rows.append([r["method"], "error: " + r.get("error", "?")] + [""] * 6)
+            continue
+        # Executed GEMM FLOPs: full-logits methods 3 GEMMs over all tokens (+1 forward for
+        # Liger's reference pass); dpo_fast 4 GEMMs over response tokens only.
+        flops = {"naive": 3 * n_tok, "liger+ref": 4 * n_tok, "liger-noref": 3 * n_tok,
+                 "cce": 3 * n_tok, "dpo_fast": 4 * n_resp}[r["method"]] * gemm
+        ratio = lambda k, key: (harness.fmt(r[key] / by[k][key], ".2f")  # noqa: E731
+                                if k in by and by[k][key] > 0 else "—")
+        rows.append([r["method"], harness.fmt(r["time"]), ratio("naive", "time"),
+                     ratio("liger+ref", "time"), ratio("liger-noref", "time"),
+                     harness.fmt(flops / r["time"] / 1e9, ".0f"),
+                     harness.fmt(r["extra_bytes"] / 2**20, ".1f"),
+                     ratio("liger+ref", "extra_bytes")])
+    info = harness.machine()
+    md = (f"# DPO loss layer, fwd+bwd (cpu, fp32): B={a.pairs} pairs, T={a.seq}, D={a.dim}, "
+          f"V={a.vocab}, prompt={a.prompt_len} of {a.seq} positions ignored\n\n"
+          f"Machine: {info}. Peak fp32 matmul {peak:.1f} GFLOP/s. Median of {a.reps} steps. "
+          "Extra memory: steady-state RSS peak above inputs and gradients.\n\n")
+    md += harness.md_table(["method", "fwd+bwd s", "x naive", "x liger+ref", "x liger-noref",
+                            "GFLOP/s (executed)", "extra MiB", "extra x liger+ref"], rows)
+    harness.write_results(f"dpo_loss_cpu_p{a.prompt_len}",
+                          {"machine": info, "peak_gflops": peak, "args": vars(a),
+                           "results": results}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
