@@ -6,6 +6,8 @@ a fresh process:
   naive            full [2B*T, V] logits -> log_softmax -> gather -> masked sums -> DPO loss
   dpo_fast         dpo_fast.fused_preference_loss_padded (memory-flat, reference log-probs
                    given, i.e. from the cache: no reference GEMM)
+  dpo_fast-scratch the same with max_scratch_bytes = one pair's [2T, V] fp32 logits: the
+                   gradient is formed during the forward (3 GEMMs instead of 4)
   liger+ref        Liger LigerFusedLinearDPOLoss(use_ref_model=True), the same hidden states
                    passed as reference input (its only way to take a reference: a second pass)
   liger-noref      Liger with use_ref_model=False (no reference term; a lower bound on its time)
@@ -30,7 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-METHODS = ["naive", "dpo_fast", "liger+ref", "liger-noref", "cce"]
+METHODS = ["naive", "dpo_fast", "dpo_fast-scratch", "liger+ref", "liger-noref", "cce"]
+# The scratch-budget operating point: room for one pair's [2T, V] fp32 logits.
+SCRATCH_PAIRS = 1
 BETA = 0.1
 
 
@@ -49,11 +53,16 @@ def make_fn(method: str, b: int):
             lp = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
             return _dpo_from_token_logps(lp * (t != -100), t, ref, b)
         return f
-    if method == "dpo_fast":
+    if method in ("dpo_fast", "dpo_fast-scratch"):
         import dpo_fast
 
-        return lambda h, w, t, ref: dpo_fast.fused_preference_loss_padded(
-            h, w, t, ref, beta=BETA, impl="auto").loss
+        def f(h, w, t, ref):
+            budget = None
+            if method == "dpo_fast-scratch":
+                budget = SCRATCH_PAIRS * 2 * t.shape[1] * w.shape[0] * 4
+            return dpo_fast.fused_preference_loss_padded(
+                h, w, t, ref, beta=BETA, impl="auto", max_scratch_bytes=budget).loss
+        return f
     if method.startswith("liger"):
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -142,7 +151,8 @@ def main():
         # Executed GEMM FLOPs: full-logits methods 3 GEMMs over all tokens (+1 forward for
         # Liger's reference pass); dpo_fast 4 GEMMs over response tokens only.
         flops = {"naive": 3 * n_tok, "liger+ref": 4 * n_tok, "liger-noref": 3 * n_tok,
-                 "cce": 3 * n_tok, "dpo_fast": 4 * n_resp}[r["method"]] * gemm
+                 "cce": 3 * n_resp, "dpo_fast": 4 * n_resp,
+                 "dpo_fast-scratch": 3 * n_resp}[r["method"]] * gemm
         ratio = lambda k, key: (harness.fmt(r[key] / by[k][key], ".2f")  # noqa: E731
                                 if k in by and by[k][key] > 0 else "—")
         rows.append([r["method"], harness.fmt(r["time"]), ratio("naive", "time"),

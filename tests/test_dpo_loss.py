@@ -80,9 +80,11 @@ def _assert_rule(name, got, same, truth, dtype):
     assert err <= ref + TOL[dtype], f"{name}: err {err:.3g} > same-dtype {ref:.3g} + {TOL[dtype]}"
 
 
-def _check(batch, impl, dtype=torch.float32, **kw):
+def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, **kw):
     truth = unfused(batch, torch.float64, **kw)
     same = unfused(batch, dtype, **kw)
+    if max_scratch_bytes is not None:
+        kw["max_scratch_bytes"] = max_scratch_bytes
     h = batch["hidden"].clone().requires_grad_()
     w = batch["weight"].clone().requires_grad_()
     bias = batch["bias"].clone().requires_grad_() if batch["bias"] is not None else None
@@ -240,3 +242,38 @@ def test_torch_compile_matches_eager():
     comp.backward()
     torch.testing.assert_close(comp, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------- scratch-budget (3-GEMM) mode
+
+
+@pytest.mark.parametrize("budget_pairs", [1, 2, 100], ids=["1pair", "2pairs", "all"])
+@pytest.mark.parametrize("opts", [
+    dict(), dict(softcap=30.0, temperature=0.7), dict(loss_type="ipo"),
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), dict(label_smoothing=0.1),
+], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo"])
+def test_scratch_mode_matches_unfused(budget_pairs, opts):
+    resp = [9, 13, 5, 20, 7, 3, 11, 6]
+    batch = _packed_batch(4, 64, 777, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
+    budget = budget_pairs * (max(resp) * 2) * 777 * 4
+    out = _check(batch, "torch", max_scratch_bytes=budget, **opts)
+    assert out.preference.terms[0] is out.losses  # produced by the scratch path
+
+
+def test_scratch_mode_equals_memory_flat_and_falls_back():
+    batch = _packed_batch(3, 48, 500, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
+    args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"],
+            batch["ref_logps"])
+    grads = []
+    for budget in (None, 10**9, 1):  # 1 byte: no pair fits -> memory-flat fallback
+        h = batch["hidden"].clone().requires_grad_()
+        out = dpo_fast.fused_preference_loss(h, *args[1:], impl="torch",
+                                             max_scratch_bytes=budget)
+        out.loss.backward()
+        grads.append((out.loss.detach(), h.grad, out.policy_logps, out.chosen_entropy,
+                      out.rejected_token_accuracy))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="max_scratch_bytes"):
+        dpo_fast.fused_preference_loss(*args, impl="torch", max_scratch_bytes=0)
