@@ -159,7 +159,7 @@ def _seq_bwd(
     backend = _backend(impl)
     kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature)
     g = seq_grad.float()
-    if impl == "triton" and _triton_takes_seq_grad(backend):
+    if impl == "triton":  # gathers seq_grad[seq_index] per token inside its kernels
         dh, dw, db = backend.logprobs_backward(
             hidden, weight, bias, targets, row_max, log_sum, None, None, None, None,
             seq_index=seq, seq_grad=g, **kw)
@@ -175,12 +175,6 @@ def _(hidden, weight, bias, targets, seq, row_max, log_sum, seq_grad, ignore_ind
       inv_temperature, impl):
     db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), db
-
-
-def _triton_takes_seq_grad(backend) -> bool:
-    import inspect
-
-    return "seq_grad" in inspect.signature(backend.logprobs_backward).parameters
 
 
 def _seq_setup(ctx, inputs, output):
