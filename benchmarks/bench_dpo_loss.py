@@ -88,6 +88,7 @@ def make_fn(method: str, b: int):
 
 
 def worker(method, b, t, d, v, prompt, reps):
+    harness.disable_thp()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     hidden = torch.randn(2 * b, t, d).requires_grad_()

@@ -63,6 +63,7 @@ def make_fn(method: str, device: str):
 
 
 def worker(method: str, n: int, d: int, v: int, reps: int, device: str, dtype: str) -> dict:
+    harness.disable_thp()
     torch.manual_seed(0)
     if device == "cpu":
         torch.set_num_threads(2)

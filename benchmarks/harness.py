@@ -29,6 +29,14 @@ RESULTS = Path(__file__).parent / "results"
 # --------------------------------------------------------------------------- memory
 
 
+def disable_thp() -> None:
+    """Transparent huge pages make RSS jump in 2 MiB steps; off for this process so memory
+    readings count 4 KiB pages. Call before allocating."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -107,6 +115,7 @@ def run_worker(script: Path, args: List[str], timeout: int = 3600) -> dict:
     """Runs ``python script --worker args...`` in a fresh process; returns its last JSON line."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # RSS follows live memory (see memprobe)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True,

@@ -19,6 +19,10 @@ BUDGET = 0.02 * N * V * 4  # 2% of the fp32 logits' bytes
 
 def _probe(impl: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Every allocation >= 128 KiB gets its own mapping and is unmapped on free, so RSS follows
+    # live memory (glibc's dynamic threshold otherwise keeps freed tiles resident at random,
+    # which moved readings by +-8 MiB between identical runs).
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, str(HERE / "memprobe.py"), impl, str(N), str(D), str(V)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

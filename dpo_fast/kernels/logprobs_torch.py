@@ -41,14 +41,6 @@ TOKEN_CHUNK = 256
 VOCAB_CHUNK = 1024
 
 
-def _tanh_cap(z0: Tensor, softcap: Optional[float]) -> Tuple[Tensor, Optional[Tensor]]:
-    """Returns (capped logits, tanh values or None)."""
-    if softcap is None:
-        return z0, None
-    t = torch.tanh(z0 / softcap)
-    return t * softcap, t
-
-
 def _logits_tile(
     h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int,
     softcap: Optional[float], inv_temperature: float,
@@ -58,9 +50,12 @@ def _logits_tile(
     z = h @ w.T
     if bias is not None:
         z += bias[v0:v1].float()
-    z, t = _tanh_cap(z, softcap)
+    t = None
+    if softcap is not None:  # in place where possible: tile-sized temporaries are the memory
+        t = torch.tanh(z.div_(softcap))
+        torch.mul(t, softcap, out=z)
     if inv_temperature != 1.0:
-        z = z * inv_temperature
+        z.mul_(inv_temperature)
     return z, t
 
 
@@ -104,20 +99,23 @@ def logprobs_forward(
         for v0 in range(0, vocab, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, vocab)
             z, _ = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            scale = torch.exp(m - m_new)
-            zc = z - m_new[:, None]
-            e = torch.exp(zc)
-            if with_entropy:
-                # sum e^(z-m) (z-m) relative to the running max: no cancellation at |z| ~ 1e4.
-                shift = torch.where(s > 0, (m - m_new) * s, 0.0)
-                sz = (sz + shift) * scale + (e * zc).sum(dim=1)
-            s = s * scale + e.sum(dim=1)
-            m = m_new
             hit = (tgt >= v0) & (tgt < v1)
             if bool(hit.any()):
                 local = (tgt - v0).clamp(0, v1 - v0 - 1)
                 zt = torch.where(hit, z.gather(1, local[:, None]).squeeze(1), zt)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            scale = torch.exp(m - m_new)
+            z -= m_new[:, None]  # z - m, in place
+            if with_entropy:
+                e = torch.exp(z)
+                # sum e^(z-m) (z-m) relative to the running max: no cancellation at |z| ~ 1e4.
+                shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+                ez = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # row dots, no temp
+                sz = (sz + shift) * scale + ez
+            else:
+                e = z.exp_()
+            s = s * scale + e.sum(dim=1)
+            m = m_new
         log_s = torch.log(s)
         row_max[idx] = m
         log_sum[idx] = log_s
@@ -182,20 +180,23 @@ def logprobs_backward(
         for v0 in range(0, vocab, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, vocab)
             z, t = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
-            logsm = (z - m_c) - ls_c  # log p, to fp32 accuracy even at |z| ~ 1e4
-            p = torch.exp(logsm)
+            # In place on the tile: log p = (z - m) - log_sum (fp32-accurate even at |z| ~ 1e4),
+            # then dz = -p * (coef + g_H (log p + H)) without tile-sized temporaries.
+            dz = z.sub_(m_c).sub_(ls_c)
             if use_ent:
-                dz = -p * (coef + ge * (logsm + he))
+                p = torch.exp(dz)
+                dz.add_(he).mul_(ge).add_(coef).mul_(p).neg_()
+                del p
             else:
-                dz = -p * coef
+                dz.exp_().mul_(coef).neg_()
             hit = (tgt >= v0) & (tgt < v1)
             if bool(hit.any()):
                 local = (tgt - v0).clamp(0, v1 - v0 - 1)
                 dz.scatter_add_(1, local[:, None], torch.where(hit, a, 0.0)[:, None])
             if inv_temperature != 1.0:
-                dz = dz * inv_temperature
+                dz.mul_(inv_temperature)
             if t is not None:
-                dz = dz * (1.0 - t * t)
+                dz.mul_(t.mul_(t).neg_().add_(1.0))
             dh_c.addmm_(dz, weight[v0:v1].float())
             dw[v0:v1].addmm_(dz.T, h)
             if db is not None:
