@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..losses import REFERENCE_FREE_TYPES, PreferenceLossOutput, preference_loss
 from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
-from .logprobs import _backend, _check_inputs, _check_target_range, _cpu_backend, _resolve_impl
+from .logprobs import _backend, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
 
@@ -293,15 +293,8 @@ def fused_preference_loss(
 
     if not isinstance(hidden, Tensor) or hidden.dim() < 1:
         raise ValueError("hidden must be a tensor [N, D]")
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    _check_inputs(h2, weight, targets, bias, ignore_index, softcap, temperature, impl)
-    h2 = h2 if h2.is_contiguous() else h2.contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    targets = targets.to(torch.int64)
-    _check_target_range(targets, weight.shape[0], ignore_index)
-    name = _resolve_impl(impl, hidden.device)
-    if name == "cpu" and _cpu_backend() is None:
-        name = "torch"
+    h2, w, targets, name = prepare_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
+                                          bias, ignore_index, softcap, temperature, impl)
 
     valid = targets != ignore_index
     seq = torch.where(valid, seq_index.to(torch.int64), torch.zeros_like(targets))

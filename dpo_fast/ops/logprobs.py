@@ -267,10 +267,10 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def _linear_logprobs_flat(hidden, weight, targets, bias, ignore_index, softcap, temperature,
-                          with_entropy, impl):
-    """Checked, flattened call of the op: (logp, lse, entropy, row_max, log_sum), each [N]
-    (entropy [0] unless ``with_entropy``). Only logp / lse / entropy carry gradients."""
+def prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl):
+    """Validates the op's inputs and returns ``(hidden [N, D], weight [V, D], targets [N]
+    int64, backend name)``: flattened, contiguous, with ``impl`` resolved for the device
+    (and "cpu" falling back to "torch", with one warning, when the extension is missing)."""
     _check_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if not h2.is_contiguous():
@@ -282,6 +282,15 @@ def _linear_logprobs_flat(hidden, weight, targets, bias, ignore_index, softcap, 
     name = _resolve_impl(impl, hidden.device)
     if name == "cpu" and _cpu_backend() is None:
         name = "torch"
+    return h2, w, t1, name
+
+
+def _linear_logprobs_flat(hidden, weight, targets, bias, ignore_index, softcap, temperature,
+                          with_entropy, impl):
+    """Checked, flattened call of the op: (logp, lse, entropy, row_max, log_sum), each [N]
+    (entropy [0] unless ``with_entropy``). Only logp / lse / entropy carry gradients."""
+    h2, w, t1, name = prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap,
+                                     temperature, impl)
     return _fwd_op(
         h2, w, bias, t1, ignore_index, None if softcap is None else float(softcap),
         1.0 / float(temperature), bool(with_entropy), name,
