@@ -14,6 +14,17 @@ from torch import Tensor
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def naive_logits(h: Tensor, w: Tensor, b: Optional[Tensor] = None, *,
+                 softcap: Optional[float] = None, temperature: float = 1.0) -> Tensor:
+    """Full [N, V] logits: h @ w.T + b, then softcap * tanh(z / softcap), then / temperature."""
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
 def naive_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -32,12 +43,7 @@ def naive_logprobs(
     h = hidden.detach().to(dtype).requires_grad_()
     w = weight.detach().to(dtype).requires_grad_()
     b = bias.detach().to(dtype).requires_grad_() if bias is not None else None
-    z = h @ w.T
-    if b is not None:
-        z = z + b
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z = naive_logits(h, w, b, softcap=softcap, temperature=temperature)
     logsm = torch.log_softmax(z, dim=-1)
     mask = targets != ignore_index
     safe = torch.where(mask, targets, torch.zeros_like(targets))

@@ -11,7 +11,7 @@ import torch
 
 import dpo_fast
 from dpo_fast.kernels import logprobs_cpu
-from oracle import TOL
+from oracle import TOL, naive_logits
 
 IMPLS = ["torch", "triton"] + (
     ["cpu"] if logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
@@ -46,12 +46,7 @@ def unfused(batch, dtype, *, loss_type="sigmoid", beta=0.1, softcap=None, temper
     bias = batch["bias"]
     bb = bias.detach().to(dtype).requires_grad_() if bias is not None else None
     t, s = batch["targets"], batch["seq_index"]
-    z = h @ w.T
-    if bb is not None:
-        z = z + bb
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z = naive_logits(h, w, bb, softcap=softcap, temperature=temperature)
     logsm = torch.log_softmax(z, dim=-1)
     valid = t != -100
     tok = logsm.gather(1, t.clamp(min=0)[:, None])[:, 0] * valid

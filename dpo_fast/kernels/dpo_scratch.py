@@ -63,7 +63,8 @@ class ScratchPreferenceLoss(torch.autograd.Function):
     """loss = mean over pairs of the per-pair preference loss; grads formed in forward.
 
     forward(hidden [N, D], weight [V, D], bias [V] | None, opts: dict) -> loss [].
-    ``opts`` carries targets, seq (sanitized [N] sequence ids), b, ref ([2B] or None),
+    No pair may be empty (the caller falls back to memory-flat otherwise), so the mean is
+    over all B pairs. ``opts`` carries targets, seq (sanitized [N] sequence ids), b, ref,
     ignore_index, softcap, inv_temperature, chunks, the preference_loss keyword arguments,
     and a ``stats`` dict that the forward fills (per-sequence logps, rewards, metrics).
     """
@@ -75,7 +76,6 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         targets, seq, b = opts["targets"], opts["seq"], opts["b"]
         ref, ig = opts["ref"], opts["ignore_index"]
         softcap, inv_t = opts["softcap"], opts["inv_temperature"]
-        n_pairs_kept = opts["n_kept"]
         dev = hidden.device
         vocab, d = weight.shape
         valid = targets != ig
@@ -134,7 +134,7 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             rew_r.append(out.rejected_rewards)
             # dL/d(seq logp) of the batch mean, per token of the chunk.
             g_seq = torch.zeros(2 * b, dtype=torch.float32, device=dev)
-            g_seq[seq_ids] = torch.cat([gc, gr]).float() / n_pairs_kept
+            g_seq[seq_ids] = torch.cat([gc, gr]).float() / b
             g = g_seq.index_select(0, s_ids)
             # dz = g (onehot - p), through temperature and softcap; in place, in row blocks.
             for r in range(0, n_c, _ROW_BLOCK):
@@ -158,7 +158,7 @@ class ScratchPreferenceLoss(torch.autograd.Function):
                      rejected_rewards=torch.cat(rew_r))
         ctx.save_for_backward(dh, dw, db if db is not None else dw.new_empty(0))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return stats["losses"].sum() / n_pairs_kept
+        return stats["losses"].sum() / b
 
     @staticmethod
     def backward(ctx, g):
@@ -174,7 +174,7 @@ class ScratchPreferenceLoss(torch.autograd.Function):
 
 def scratch_preference_loss(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
-    b: int, ref: Optional[Tensor], lengths: Tensor, kept_pairs: Tensor, *,
+    b: int, ref: Optional[Tensor], lengths: Tensor, *,
     ignore_index: int, softcap: Optional[float], inv_temperature: float,
     chunks: Sequence[Tuple[int, int]], loss_kwargs: Dict,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -184,6 +184,6 @@ def scratch_preference_loss(
     opts = dict(targets=targets, seq=seq, b=b, ref=ref, ignore_index=ignore_index,
                 softcap=softcap, inv_temperature=inv_temperature, chunks=list(chunks),
                 chunk_tokens=[sum(tok[p0:p1]) for p0, p1 in chunks], lengths=lengths,
-                loss_kwargs=loss_kwargs, stats=stats, n_kept=int(kept_pairs.sum()))
+                loss_kwargs=loss_kwargs, stats=stats)
     loss = ScratchPreferenceLoss.apply(hidden, weight, bias, opts)
     return loss, stats

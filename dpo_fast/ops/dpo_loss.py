@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..losses import REFERENCE_FREE_TYPES, PreferenceLossOutput, preference_loss
+from ..losses import PreferenceLossOutput, preference_loss
 from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
 from .logprobs import _backend, prepare_inputs
 
@@ -326,7 +326,7 @@ def fused_preference_loss(
             loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
                                label_smoothing=label_smoothing, **type_specific)
             loss, st = scratch_preference_loss(
-                h2, w, bias, targets, seq, b, ref, lengths, ~empty, ignore_index=ignore_index,
+                h2, w, bias, targets, seq, b, ref, lengths, ignore_index=ignore_index,
                 softcap=cap, inv_temperature=1.0 / float(temperature), chunks=chunks,
                 loss_kwargs=loss_kwargs)
             rc_, rr_ = st["chosen_rewards"], st["rejected_rewards"]
@@ -419,5 +419,4 @@ def fused_preference_loss_padded(
                                  seq_index, ref_logps, **kwargs)
 
 
-__all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput",
-           "REFERENCE_FREE_TYPES"]
+__all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput"]
