@@ -14,9 +14,13 @@ a fresh process:
   cce              cut_cross_entropy.linear_cross_entropy(reduction="none", torch_compile)
                    per-token NLL -> masked sums -> DPO loss with the given reference log-probs
 
-Writes benchmarks/results/dpo_loss_<device>_p<prompt>.{json,md}.
+On CUDA (``--device cuda``, e.g. ``--dtype bfloat16``) times are do_bench medians and extra
+memory is the CUDA allocator's peak above inputs and gradients; CCE uses its Triton impl.
 
-    python benchmarks/bench_dpo_loss.py [--prompt-len 0] [--reps 3]
+Writes benchmarks/results/dpo_loss_<device>[_<dtype>]_p<prompt>.{json,md} (no dtype suffix
+for the CPU fp32 default).
+
+    python benchmarks/bench_dpo_loss.py [--prompt-len 0] [--reps 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _dpo_from_token_logps(tok_logps, targets, ref_logps, b):
     return -F.logsigmoid(BETA * h).mean()
 
 
-def make_fn(method: str, b: int):
+def make_fn(method: str, b: int, device: str = "cpu"):
     """f(hidden [2B,T,D], weight [V,D], targets [2B,T], ref [2B]) -> scalar loss."""
     if method == "naive":
         def f(h, w, t, ref):
@@ -81,22 +85,25 @@ def make_fn(method: str, b: int):
 
         def f(h, w, t, ref):
             nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, t.reshape(-1),
-                                       reduction="none", impl="torch_compile")
+                                       reduction="none",
+                                       impl="cce" if device == "cuda" else "torch_compile")
             return _dpo_from_token_logps(-nll.view(t.shape) * (t != -100), t, ref, b)
         return f
     raise ValueError(method)
 
 
-def worker(method, b, t, d, v, prompt, reps):
+def worker(method, b, t, d, v, prompt, reps, device="cpu", dtype="float32"):
     harness.disable_thp()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    hidden = torch.randn(2 * b, t, d).requires_grad_()
-    weight = (torch.randn(v, d) / d**0.5).requires_grad_()
-    targets = torch.randint(0, v, (2 * b, t))
+    dt = getattr(torch, dtype)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    hidden = torch.randn(2 * b, t, d, device=device).to(dt).requires_grad_()
+    weight = (torch.randn(v, d, device=device) / d**0.5).to(dt).requires_grad_()
+    targets = torch.randint(0, v, (2 * b, t), device=device)
     targets[:, :prompt] = -100
-    ref = -torch.rand(2 * b) * 50 - 100
-    fn = make_fn(method, b)
+    ref = -torch.rand(2 * b, device=device) * 50 - 100
+    fn = make_fn(method, b, device)
 
     def step():
         hidden.grad = weight.grad = None
@@ -104,6 +111,21 @@ def worker(method, b, t, d, v, prompt, reps):
 
     step()  # warm-up (torch.compile, thread pools)
     step()
+    if device == "cuda":
+        import triton.testing
+
+        ts = sorted(triton.testing.do_bench(step, rep=500, return_mode="all"))
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))] / 1e3  # noqa: E731
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        hidden.grad = weight.grad = None
+        base = torch.cuda.memory_allocated() + hidden.numel() * hidden.element_size() + \
+            weight.numel() * weight.element_size()  # the gradients, resident between steps
+        fn(hidden, weight, targets, ref).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        return {"method": method, "time": q(0.5), "p20": q(0.2), "p80": q(0.8),
+                "extra_bytes": extra}
     t_all = harness.time_fn(step, reps)
     hidden.grad.fill_(1.0)
     weight.grad.fill_(1.0)
@@ -125,15 +147,19 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--worker", metavar="METHOD")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.pairs, a.seq, a.dim, a.vocab, a.prompt_len, a.reps)))
+        print(json.dumps(worker(a.worker, a.pairs, a.seq, a.dim, a.vocab, a.prompt_len, a.reps,
+                                a.device, a.dtype)))
         return
-    peak = harness.peak_matmul_gflops()
-    print(f"peak fp32 matmul: {peak:.1f} GFLOP/s", flush=True)
+    peak = harness.peak_matmul_gflops(a.device, dtype=getattr(torch, a.dtype))
+    print(f"peak {a.dtype} matmul: {peak:.1f} GFLOP/s", flush=True)
     shape = ["--pairs", str(a.pairs), "--seq", str(a.seq), "--dim", str(a.dim), "--vocab",
-             str(a.vocab), "--prompt-len", str(a.prompt_len), "--reps", str(a.reps)]
+             str(a.vocab), "--prompt-len", str(a.prompt_len), "--reps", str(a.reps),
+             "--device", a.device, "--dtype", a.dtype]
     results = []
     for m in a.methods.split(","):
         r = harness.run_worker(Path(__file__), [m] + shape)
@@ -162,13 +188,18 @@ def main():
                      harness.fmt(r["extra_bytes"] / 2**20, ".1f"),
                      ratio("liger+ref", "extra_bytes")])
     info = harness.machine()
-    md = (f"# DPO loss layer, fwd+bwd (cpu, fp32): B={a.pairs} pairs, T={a.seq}, D={a.dim}, "
-          f"V={a.vocab}, prompt={a.prompt_len} of {a.seq} positions ignored\n\n"
-          f"Machine: {info}. Peak fp32 matmul {peak:.1f} GFLOP/s. Median of {a.reps} steps. "
-          "Extra memory: steady-state RSS peak above inputs and gradients.\n\n")
+    cuda = a.device == "cuda"
+    md = (f"# DPO loss layer, fwd+bwd ({a.device}, {a.dtype}): B={a.pairs} pairs, T={a.seq}, "
+          f"D={a.dim}, V={a.vocab}, prompt={a.prompt_len} of {a.seq} positions ignored\n\n"
+          f"Machine: {info}. Peak {a.dtype} matmul {peak:.1f} GFLOP/s. "
+          + ("Median over do_bench's repetitions (0.5 s). Extra memory: CUDA allocator peak "
+             "above inputs and gradients.\n\n" if cuda else
+             f"Median of {a.reps} steps. Extra memory: steady-state RSS peak above inputs and "
+             "gradients.\n\n"))
     md += harness.md_table(["method", "fwd+bwd s", "x naive", "x liger+ref", "x liger-noref",
                             "GFLOP/s (executed)", "extra MiB", "extra x liger+ref"], rows)
-    harness.write_results(f"dpo_loss_cpu_p{a.prompt_len}",
+    suffix = "" if (a.device, a.dtype) == ("cpu", "float32") else f"_{a.dtype}"
+    harness.write_results(f"dpo_loss_{a.device}{suffix}_p{a.prompt_len}",
                           {"machine": info, "peak_gflops": peak, "args": vars(a),
                            "results": results}, md)
     print(md)

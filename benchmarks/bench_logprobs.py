@@ -4,7 +4,9 @@ Methods, side by side in one run (each case in a fresh process):
   naive           full [N, V] logits -> log_softmax -> gather (autograd)
   dpo_fast-cpu    the C++ kernel (csrc/)
   dpo_fast-torch  the chunked pure-PyTorch twin
-  dpo_fast-triton Triton kernels (CUDA only; timed with triton.testing.do_bench)
+  dpo_fast-triton Triton row kernels + cuBLAS GEMMs on vocabulary chunks (CUDA only;
+                  timed with triton.testing.do_bench)
+  dpo_fast-triton_fused  the fully fused Triton kernels (CUDA only)
   trl-chunked     trl.kernels.ChunkedLogProbFunction (TRL 1.16's DPOTrainer path)
   cce             cut_cross_entropy.linear_cross_entropy(reduction="none"), torch_compile on
                   CPU ("cce" Triton impl on CUDA)
@@ -30,12 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-SHAPES = {"smol": (4096, 576, 49152), "large": (2048, 640, 262144), "tiny": (512, 576, 8192)}
+SHAPES = {"smol": (4096, 576, 49152), "large": (2048, 640, 262144), "tiny": (512, 576, 8192),
+          "llama": (8192, 4096, 128256)}
 METHODS_CPU = ["naive", "dpo_fast-cpu", "dpo_fast-torch", "trl-chunked", "cce",
                "dpo_fast-cpu@ign50"]
-METHODS_CUDA = ["naive", "dpo_fast-triton", "trl-chunked", "cce", "dpo_fast-triton@ign50"]
+METHODS_CUDA = ["naive", "dpo_fast-triton", "dpo_fast-triton_fused", "cce",
+                "dpo_fast-triton@ign50"]
 # GEMMs each method executes per fwd+bwd (for the executed GFLOP/s column).
-GEMMS = {"naive": 3, "dpo_fast-cpu@ign50": 2, "dpo_fast-triton@ign50": 2.5, "dpo_fast-cpu": 4, "dpo_fast-torch": 4, "dpo_fast-triton": 5,
+GEMMS = {"naive": 3, "dpo_fast-cpu@ign50": 2, "dpo_fast-triton@ign50": 2, "dpo_fast-cpu": 4,
+         "dpo_fast-torch": 4, "dpo_fast-triton": 4, "dpo_fast-triton_fused": 5,
          "trl-chunked": 4, "cce": 3}
 
 
@@ -134,8 +139,8 @@ def main() -> None:
 
     methods = args.methods.split(",") if args.methods else (
         METHODS_CUDA if args.device == "cuda" else METHODS_CPU)
-    peak = harness.peak_matmul_gflops(args.device)
-    print(f"peak fp32 matmul: {peak:.1f} GFLOP/s", flush=True)
+    peak = harness.peak_matmul_gflops(args.device, dtype=getattr(torch, args.dtype))
+    print(f"peak {args.dtype} matmul: {peak:.1f} GFLOP/s", flush=True)
     results = []
     for shape_name in args.shapes.split(","):
         n, d, v = SHAPES[shape_name]
@@ -169,15 +174,19 @@ def main() -> None:
         ])
     info = harness.machine()
     md = (f"# linear log-probs, fwd+bwd ({args.device}, {args.dtype})\n\n"
-          f"Machine: {info}. Peak fp32 matmul (preallocated output): {peak:.1f} GFLOP/s; "
-          f"floor = 4 x 2*N*D*V FLOPs at that rate. Times in seconds (median of {args.reps}).\n"
-          "Extra memory: steady-state peak above inputs and gradients during one fwd+bwd "
-          "(RSS high-water mark; values at or below 0 are within the allocator's few-MiB "
-          "slack between steps). `@ign50`: half of the positions are ignore_index.\n\n")
+          f"Machine: {info}. Peak {args.dtype} matmul (preallocated output): {peak:.1f} "
+          f"GFLOP/s; floor = 4 x 2*N*D*V FLOPs at that rate. Times in seconds ("
+          + ("do_bench median" if args.device == "cuda" else f"median of {args.reps}") + ").\n"
+          "Extra memory: peak above inputs and gradients during one fwd+bwd "
+          + ("(CUDA allocator peak). " if args.device == "cuda" else
+             "(RSS high-water mark; values at or below 0 are within the allocator's few-MiB "
+             "slack between steps). ")
+          + "`@ign50`: half of the positions are ignore_index.\n\n")
     md += harness.md_table(
         ["shape", "method", "fwd s", "bwd s", "fwd+bwd s", "x naive", "x 4-GEMM floor",
          "GFLOP/s (executed)", "extra MiB", "extra % of logits"], rows)
-    harness.write_results(f"logprobs_{args.device}",
+    suffix = "" if (args.device, args.dtype) == ("cpu", "float32") else f"_{args.dtype}"
+    harness.write_results(f"logprobs_{args.device}{suffix}",
                           {"machine": info, "peak_gflops": peak, "results": results}, md)
     print(md)
 

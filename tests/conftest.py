@@ -29,3 +29,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _small_vocab_chunks(monkeypatch):
+    """On the CPU the chunked Triton backend's vocabulary chunks are shrunk to ~30% of V
+    (3-4 chunks, a partial last one), so every test crosses chunk boundaries; on a GPU the
+    real defaults are tested."""
+    if os.environ.get("DPO_FAST_TEST_GPU") == "1":
+        return
+    from dpo_fast.kernels import logprobs_chunked
+
+    monkeypatch.setattr(logprobs_chunked, "CHUNK_BYTES_MIN", 0)
+    monkeypatch.setattr(logprobs_chunked, "CHUNK_FRACTION", 0.3)
+    monkeypatch.setattr(logprobs_chunked, "MIN_COLS", 128)

@@ -13,7 +13,7 @@ import dpo_fast
 from dpo_fast.kernels import logprobs_cpu
 from oracle import TOL, naive_logits
 
-IMPLS = ["torch", "triton"] + (
+IMPLS = ["torch", "triton", "triton_fused"] + (
     ["cpu"] if logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
     else [])
 
@@ -75,7 +75,9 @@ def _assert_rule(name, got, same, truth, dtype):
     assert err <= ref + TOL[dtype], f"{name}: err {err:.3g} > same-dtype {ref:.3g} + {TOL[dtype]}"
 
 
-def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, **kw):
+def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, device="cpu", **kw):
+    if device != "cpu":
+        batch = {k: (t.to(device) if t is not None else None) for k, t in batch.items()}
     truth = unfused(batch, torch.float64, **kw)
     same = unfused(batch, dtype, **kw)
     if max_scratch_bytes is not None:

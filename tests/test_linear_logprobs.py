@@ -15,7 +15,7 @@ REQUIRE_CPU_EXT = os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
 
 
 def _impls():
-    out = ["torch", "triton"]
+    out = ["torch", "triton", "triton_fused"]
     if logprobs_cpu.available() or REQUIRE_CPU_EXT:
         out.append("cpu")
     return out
@@ -40,12 +40,19 @@ def _make(n_shape, d, v, dtype, *, bias=False, scale=1.0, ignore_frac=0.25, seed
 
 
 def _run_and_check(impl, hidden, weight, bias, targets, dtype, *, softcap=None, temperature=1.0,
-                   extras=True, check_grads=True):
+                   extras=True, check_grads=True, device="cpu"):
+    """Runs ``impl`` on ``device`` and checks outputs and grads against the float64 oracle
+    (computed on the same device; inputs are generated on the CPU so every device sees the
+    same numbers)."""
     g = torch.Generator().manual_seed(1)
     ups = {"logp": torch.randn(targets.shape, generator=g)}
     if extras:
         ups["lse"] = torch.randn(targets.shape, generator=g) * 0.5
         ups["entropy"] = torch.randn(targets.shape, generator=g) * 0.5
+    if device != "cpu":
+        hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
+        bias = bias.to(device) if bias is not None else None
+        ups = {k: u.to(device) for k, u in ups.items()}
     kw = dict(softcap=softcap, temperature=temperature)
     truth = naive_logprobs(hidden, weight, targets, bias, grads=ups if check_grads else None, **kw)
     same = naive_logprobs(hidden, weight, targets, bias, dtype=dtype,

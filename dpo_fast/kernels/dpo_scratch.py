@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .gemm import gemm_f32 as _gemm_f32
+
 _ROW_BLOCK = 32  # rows per elementwise block: 32 x 49152 fp32 = 6 MiB, L3-resident
 
 # Types whose batch loss is the mean of per-pair losses that each depend on one pair only.
@@ -47,7 +49,7 @@ def pair_chunks(lengths: Tensor, b: int, vocab: int, max_scratch_bytes: int) -> 
 def _logits(h: Tensor, wf: Tensor, bias: Optional[Tensor], out: Tensor,
             softcap: Optional[float], inv_temperature: float) -> Optional[Tensor]:
     """out <- z (fp32, in place); returns tanh(z0 / c) for the softcap chain, or None."""
-    torch.mm(h, wf.T, out=out)
+    _gemm_f32(h, wf.T, out)
     if bias is not None:
         out += bias.float()
     t = None
@@ -87,14 +89,19 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         hit_sum = torch.zeros(2 * b, dtype=torch.float64, device=dev)
         losses, rew_c, rew_r = [], [], []
         max_tok = max(opts["chunk_tokens"])
-        wf = weight if weight.dtype == torch.float32 else weight.float()  # once, not per chunk
+        # Half inputs: on CUDA the GEMMs take them as they are (fp32 output / accumulation);
+        # elsewhere the weight is upcast once (CPU has no fp32-output half GEMM).
+        native = weight.dtype == torch.float32 or dev.type == "cuda"
+        wf = weight if native else weight.float()
+        row_block = _ROW_BLOCK if dev.type == "cpu" else max(1, hidden.shape[0])
         scratch = torch.empty(max_tok * vocab, dtype=torch.float32, device=dev)
         pair_of_seq = torch.arange(2 * b, device=dev) % b
         for p0, p1 in opts["chunks"]:
             pairs = torch.arange(p0, p1, device=dev)
             in_chunk = valid & (pair_of_seq[seq] >= p0) & (pair_of_seq[seq] < p1)
             rows = in_chunk.nonzero().flatten()
-            h = hidden.index_select(0, rows).float()
+            h = hidden.index_select(0, rows)
+            h = h if native else h.float()
             tgt = targets.index_select(0, rows)
             s_ids = seq.index_select(0, rows)
             z = scratch[: rows.numel() * vocab].view(rows.numel(), vocab)
@@ -105,16 +112,16 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             tok_logp = torch.empty(n_c, dtype=torch.float32, device=dev)
             ent = torch.empty(n_c, dtype=torch.float32, device=dev)
             hit = torch.empty(n_c, dtype=torch.bool, device=dev)
-            for r in range(0, n_c, _ROW_BLOCK):
-                blk = z[r:r + _ROW_BLOCK]
+            for r in range(0, n_c, row_block):
+                blk = z[r:r + row_block]
                 blk -= blk.amax(dim=1, keepdim=True)
-                zt = blk.gather(1, tgt[r:r + _ROW_BLOCK, None])[:, 0]  # z[y] - max
+                zt = blk.gather(1, tgt[r:r + row_block, None])[:, 0]  # z[y] - max
                 e = blk.exp()
                 s_ = e.sum(dim=1)
                 log_s = s_.log()
-                ent[r:r + _ROW_BLOCK] = log_s - torch.linalg.vecdot(e, blk) / s_
-                tok_logp[r:r + _ROW_BLOCK] = zt - log_s
-                hit[r:r + _ROW_BLOCK] = zt == 0
+                ent[r:r + row_block] = log_s - torch.linalg.vecdot(e, blk) / s_
+                tok_logp[r:r + row_block] = zt - log_s
+                hit[r:r + row_block] = zt == 0
                 torch.div(e, s_[:, None], out=blk)  # p
             # Per-pair loss on this chunk's sequences, and dL/d(sequence logp) per pair.
             seq_ids = torch.cat([pairs, pairs + b])
@@ -137,16 +144,19 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             g_seq[seq_ids] = torch.cat([gc, gr]).float() / b
             g = g_seq.index_select(0, s_ids)
             # dz = g (onehot - p), through temperature and softcap; in place, in row blocks.
-            for r in range(0, n_c, _ROW_BLOCK):
-                blk = z[r:r + _ROW_BLOCK]
-                gb = g[r:r + _ROW_BLOCK, None]
+            for r in range(0, n_c, row_block):
+                blk = z[r:r + row_block]
+                gb = g[r:r + row_block, None]
                 blk *= -gb * inv_t if inv_t != 1.0 else -gb
-                blk.scatter_add_(1, tgt[r:r + _ROW_BLOCK, None], gb * inv_t)
+                blk.scatter_add_(1, tgt[r:r + row_block, None], gb * inv_t)
                 if t is not None:
-                    tb = t[r:r + _ROW_BLOCK]
+                    tb = t[r:r + row_block]
                     blk *= 1.0 - tb * tb
-            dh.index_copy_(0, rows, z @ wf)
-            dw.addmm_(z.T, h)
+            zg = z if h.dtype == torch.float32 else z.to(h.dtype)  # GEMM operand, as autograd
+            dh_rows = torch.empty(n_c, d, dtype=torch.float32, device=dev)
+            _gemm_f32(zg, wf, dh_rows)
+            dh.index_copy_(0, rows, dh_rows)
+            _gemm_f32(zg.T, h, dw, accumulate=True)
             if db is not None:
                 db += z.sum(dim=0)
             seq_logps.index_add_(0, s_ids, tok_logp.double())

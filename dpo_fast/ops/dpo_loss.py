@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..losses import PreferenceLossOutput, preference_loss
 from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
-from .logprobs import _backend, prepare_inputs
+from .logprobs import TRITON_IMPLS, _backend, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
 
@@ -159,7 +159,7 @@ def _seq_bwd(
     backend = _backend(impl)
     kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature)
     g = seq_grad.float()
-    if impl == "triton":  # gathers seq_grad[seq_index] per token inside its kernels
+    if impl in TRITON_IMPLS:  # gather seq_grad[seq_index] per token inside their kernels
         dh, dw, db = backend.logprobs_backward(
             hidden, weight, bias, targets, row_max, log_sum, None, None, None, None,
             seq_index=seq, seq_grad=g, **kw)
@@ -357,7 +357,7 @@ def fused_preference_loss(
         rc, rr = ref[:b][idx], ref[b:][idx]
     else:
         rc = rr = None
-    if (name == "triton" and loss_type == "sigmoid" and rc is not None and not type_specific
+    if (name in TRITON_IMPLS and loss_type == "sigmoid" and rc is not None and not type_specific
             and loss_weights is None):
         pref = _triton_sigmoid(pc, pr, rc, rr, float(beta), float(label_smoothing))
     else:

@@ -3,7 +3,11 @@
 The [tokens x vocab] logits never exist: every backend streams the vocabulary in tiles
 (online logsumexp in forward, recompute in backward). Backends:
 
-- ``"triton"``: Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+- ``"triton"``: Triton row kernels (online logsumexp, softmax gradient) around library GEMMs
+  on vocabulary chunks (``kernels/logprobs_chunked.py``; CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``). The GPU default.
+- ``"triton_fused"``: fully fused Triton kernels, GEMMs included (``kernels/
+  logprobs_triton.py``); kept for study, several times slower than "triton" on an H100.
 - ``"cpu"``: the C++/OpenMP kernel in ``csrc/`` (extension ``dpo_fast._C``).
 - ``"torch"``: the chunked pure-PyTorch twin (any device).
 - ``"auto"``: triton on CUDA, else cpu if built, else torch.
@@ -25,7 +29,8 @@ from torch import Tensor
 
 from ..kernels import logprobs_torch
 
-IMPLS = ("auto", "triton", "cpu", "torch")
+IMPLS = ("auto", "triton", "triton_fused", "cpu", "torch")
+TRITON_IMPLS = ("triton", "triton_fused")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -71,12 +76,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_backend():
+def _triton_backend(name: str):
     try:
-        from ..kernels import logprobs_triton
+        if name == "triton_fused":
+            from ..kernels import logprobs_triton as mod
+        else:
+            from ..kernels import logprobs_chunked as mod
     except ImportError as e:  # triton missing
-        raise ValueError(f"impl='triton' needs the triton package: {e}") from e
-    return logprobs_triton
+        raise ValueError(f"impl={name!r} needs the triton package: {e}") from e
+    return mod
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -94,9 +102,9 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
             return "cpu" if logprobs_cpu.available() else "torch"
         return "torch"
-    if impl == "triton" and device.type == "cpu" and not _interpreting():
+    if impl in TRITON_IMPLS and device.type == "cpu" and not _interpreting():
         raise ValueError(
-            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before dpo_fast is "
+            f"impl={impl!r} on CPU tensors needs TRITON_INTERPRET=1 set before dpo_fast is "
             "imported; use impl='cpu' or 'torch' on CPU."
         )
     if impl == "cpu" and device.type != "cpu":
@@ -105,8 +113,8 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def _backend(name: str):
-    if name == "triton":
-        return _triton_backend()
+    if name in TRITON_IMPLS:
+        return _triton_backend(name)
     if name == "cpu":
         return _cpu_backend() or logprobs_torch
     return logprobs_torch
@@ -326,7 +334,7 @@ def linear_logprobs(
         temperature: logits are divided by it (after soft-capping).
         return_lse: also return the logsumexp per position.
         return_entropy: also return the softmax entropy per position.
-        impl: "auto" | "triton" | "cpu" | "torch".
+        impl: "auto" | "triton" | "triton_fused" | "cpu" | "torch" (module docstring).
 
     Returns:
         float32 tensor shaped like ``targets`` (0.0 where ignored), differentiable w.r.t.

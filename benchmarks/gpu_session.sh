@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything one GPU lease should run, in one command (a lease is short and starts bare):
+# carried benchmark peers (.whl/, see docs/design.md), the GPU tests, the kernel breakdown
+# and the side-by-side benchmarks. Logs and result files go to $OUT (default /tmp/gpu_out).
+#
+#   bash benchmarks/gpu_session.sh [stage ...]     stages: env tests kernels rows sweep logprobs dpo
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export DPO_FAST_TEST_GPU=1
+stages=${*:-env tests kernels logprobs dpo}
+
+run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, show its tail
+  local name=$1 t=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  echo "--- rc=$? ($(date +%T))"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+for s in $stages; do
+  case $s in
+    env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
+         python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" ;;
+    tests) run tests "${T_TESTS:-240}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py ;;
+    kernels) run kernels "${T_KERNELS:-150}" sh -c "python3 benchmarks/bench_gpu_kernels.py --dtypes bfloat16 --shapes smol,llama && python3 benchmarks/bench_gpu_kernels.py --dtypes float32 --shapes smol" ;;
+    rows) run rows "${T_ROWS:-120}" python3 benchmarks/bench_gpu_kernels.py --dtypes bfloat16 --shapes smol,llama --row-sweep "$OUT/row_config.env"
+          [ -s "$OUT/row_config.env" ] && . "$OUT/row_config.env" && cat "$OUT/row_config.env" ;;
+    sweep) run sweep "${T_SWEEP:-300}" python3 benchmarks/bench_gpu_kernels.py --dtypes bfloat16 --shapes smol,llama --sweep --sweep-budget "${SWEEP_BUDGET:-40}" --json "$OUT/sweep.json" ;;
+    logprobs) run logprobs "${T_LOGPROBS:-200}" python3 benchmarks/bench_logprobs.py --device cuda --dtype bfloat16 --shapes smol,llama ${LOGPROBS_METHODS:+--methods $LOGPROBS_METHODS}
+              ;;
+    dpo|dpo0) run $s "${T_DPO:-200}" python3 benchmarks/bench_dpo_loss.py --device cuda --dtype bfloat16 --pairs 4 --seq 1024 --dim 4096 --vocab 128256 --prompt-len "$([ $s = dpo0 ] && echo 0 || echo 256)" --methods "${DPO_METHODS:-naive,dpo_fast,dpo_fast-scratch,liger+ref,liger-noref,cce}" ;;
+    quick) run quick "${T_QUICK:-120}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py -k "${QUICK_K:-oracle and triton-bfloat16 or fused_loss_vs_unfused and triton-bfloat16 or many_chunks or deterministic}" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+# Result tables in one file (a lease returns few files).
+tar -cf "$OUT/results.tar" benchmarks/results/*cuda* 2>/dev/null && echo "results.tar: $(tar -tf "$OUT/results.tar" | tr '\n' ' ')"
