@@ -105,6 +105,7 @@ setup(
         "flash": ["flash-attn"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
     },
+    entry_points={"console_scripts": ["dpo-fast=dpo_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+from .data import (  # noqa: E402
+    PreferenceExample,
+    pack_pair_batch,
+    tokenize_dataset,
+    tokenize_preference,
+)
 from .losses import (  # noqa: E402
     LOSS_TYPES,
     REFERENCE_FREE_TYPES,
@@ -15,6 +21,13 @@ from .ops.dpo_loss import (  # noqa: E402
     fused_preference_loss_padded,
 )
 from .ops.logprobs import LinearLogprobs, linear_logprobs  # noqa: E402
+from .refcache import (  # noqa: E402
+    CorruptCacheError,
+    FingerprintMismatchError,
+    MissingRowsError,
+    RefCacheError,
+    RefLogProbCache,
+)
 
 __all__ = [
     "__version__",
@@ -28,4 +41,13 @@ __all__ = [
     "dpo_sigmoid_coefficients",
     "LOSS_TYPES",
     "REFERENCE_FREE_TYPES",
+    "PreferenceExample",
+    "tokenize_preference",
+    "tokenize_dataset",
+    "pack_pair_batch",
+    "RefLogProbCache",
+    "MissingRowsError",
+    "RefCacheError",
+    "CorruptCacheError",
+    "FingerprintMismatchError",
 ]
