@@ -3,8 +3,9 @@
 For each kernel (at its default GPU config; feature flags all on, then all off), arch and
 dtype it checks that the PTX holds tensor-core instructions (``mma`` on sm_80, ``wgmma`` on sm_90)
 and that ``cuobjdump --dump-resource-usage`` reports STACK:0 and LOCAL:0 (no spills).
-The DPO sigmoid-loss kernel (:mod:`dpo_fast.kernels.dpo_triton`, fp32, no GEMM) is checked
-for spills only. The summary line gives the total and the count per kernel group.
+The chunked backend's row kernels (:mod:`dpo_fast.kernels.logprobs_chunked`, GEMMs done by
+the library) and the DPO sigmoid-loss kernel (:mod:`dpo_fast.kernels.dpo_triton`, fp32) have
+no tl.dot and are checked for spills only. The summary line gives the total and the count per kernel group.
 
 Must run WITHOUT ``TRITON_INTERPRET=1`` (under the interpreter kernels cannot be compiled);
 ``main()`` refuses to run otherwise. Usage: ``python -m dpo_fast.kernels.compile_gate``.
@@ -50,12 +51,15 @@ def check_all() -> List[dict]:
     from triton.compiler import ASTSource
 
     from dpo_fast.kernels import dpo_triton as dt
+    from dpo_fast.kernels import logprobs_chunked as lc
     from dpo_fast.kernels import logprobs_triton as lt
 
     jobs = []  # (group, dtype, features, spec)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         jobs += [("logprobs", dtype, True, s) for s in lt.kernel_specs(dtype, features=True)]
         jobs += [("logprobs", dtype, False, s) for s in lt.kernel_specs(dtype, features=False)]
+        jobs += [("chunked", dtype, f, s) for f in (True, False)
+                 for s in lc.kernel_specs(dtype, features=f)]
     jobs += [("dpo", torch.float32, False, s) for s in dt.kernel_specs()]
     rows = []
     for group, dtype, features, spec in jobs:

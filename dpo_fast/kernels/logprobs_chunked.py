@@ -363,3 +363,35 @@ def logprobs_backward(
         grad_hidden = torch.zeros_like(hidden)
         grad_hidden.index_copy_(0, rows, dh.to(hidden.dtype))
     return grad_hidden, dw, (db.to(bias.dtype) if db is not None else None)
+
+
+_ROW_ARG_TYPES = {
+    "Z": "*fp32", "DZ": "*{dt}", "B": "*{dt}", "TGT": "*i64", "M": "*fp32", "S": "*fp32",
+    "SZ": "*fp32", "ZT": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32",
+    "GLP": "*fp32", "COEF": "*fp32", "GENT": "*fp32", "SIDX": "*i64", "SEQG": "*fp32",
+    "R": "i32", "C": "i32", "v0": "i32", "softcap": "fp32", "inv_temperature": "fp32",
+}
+
+
+def kernel_specs(dtype: torch.dtype, features: bool = True) -> list:
+    """Compile-gate entries for the two row kernels at their default GPU configs (same keys
+    as ``logprobs_triton.kernel_specs``); every feature flag on when ``features``, else off.
+    No GEMM inside (the GEMMs are the library's), so the gate checks spills only."""
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    specs = []
+    for name, fn, kind in (("lse_chunk", _lse_chunk_kernel, "fwd"),
+                           ("dz_chunk", _dz_chunk_kernel, "bwd")):
+        br, bc, nw = ROW_CONFIGS[kind]
+        signature, constexprs = {}, {}
+        for arg in fn.arg_names:
+            if arg in _ROW_ARG_TYPES:
+                signature[arg] = _ROW_ARG_TYPES[arg].format(dt=dt)
+            else:
+                signature[arg] = "constexpr"
+                constexprs[arg] = {"BLOCK_R": br, "BLOCK_C": bc, "UPCAST": False}.get(
+                    arg, features)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if signature[a].startswith("*")}
+        specs.append(dict(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                          attrs=attrs, options=dict(num_warps=nw, num_stages=1), gemm=False))
+    return specs
