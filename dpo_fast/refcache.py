@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from .data import KEY_BYTES, PreferenceExample, pack_pair_batch
-from .ops.logprobs import linear_logprobs
+from .ops.logprobs import check_head_options, linear_logprobs
 
 LOGPROB_VERSION = 1
 FORMAT = "dpo_fast.refcache"
@@ -286,12 +286,7 @@ def _head_settings(model, softcap: Optional[float], temperature: float
     cfg = _text_config(model)
     if softcap is None and cfg is not None:
         softcap = getattr(cfg, "final_logit_softcapping", None)
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap)
-                                    and softcap > 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_head_options(softcap, temperature)
     temperature = float(temperature)
     scaling = getattr(cfg, "logits_scaling", None) if cfg is not None else None
     if isinstance(scaling, (int, float)) and scaling != 1:

@@ -57,6 +57,7 @@ from dpo_fast.assets import AssetMissingError, load_smollm2, rotten_tomatoes_pai
 from dpo_fast.cli import main
 from dpo_fast.data import tokenize_dataset
 from dpo_fast.refcache import fingerprint
+from test_ref_cache import check_against_oracle, dir_bytes
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -165,34 +166,6 @@ def orc(real):
     return oracle(real.model, real.examples)
 
 
-def assert_rule(name, got, same, truth):
-    """|got - truth| <= |same - truth| + 1e-5 * max(1, |truth|), elementwise."""
-    got, same, truth = (np.asarray(x, dtype=np.float64) for x in (got, same, truth))
-    assert got.shape == truth.shape, f"{name}: shape {got.shape} != {truth.shape}"
-    assert np.isfinite(got).all(), f"{name}: non-finite values"
-    err = np.abs(got - truth)
-    bound = np.abs(same - truth) + 1e-5 * np.maximum(1.0, np.abs(truth))
-    bad = err > bound
-    assert not bad.any(), (f"{name}: {int(bad.sum())} value(s) out of tolerance; worst "
-                           f"err {err.max():.3g} vs bound {bound[np.argmax(err - bound)]:.3g}")
-
-
-def check_against_oracle(cache, examples, orc):
-    c, r = cache.lookup(examples, split=True)
-    assert c.dtype == torch.float32 and r.dtype == torch.float32
-    assert_rule("chosen sums", c.numpy(), orc["fp32"][:, 0], orc["truth"][:, 0])
-    assert_rule("rejected sums", r.numpy(), orc["fp32"][:, 1], orc["truth"][:, 1])
-    for i, ex in enumerate(examples):
-        for what, got, same, truth in zip(("chosen", "rejected"), cache.token_logps(ex.key),
-                                          orc["tok_fp32"][i], orc["tok_truth"][i]):
-            assert_rule(f"{what} tokens of row {i}", got.numpy(), same, truth)
-
-
-def dir_bytes(d: Path):
-    """{relative path: bytes} of every file under ``d``."""
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -208,7 +181,7 @@ def write_jsonl(path: Path, rows):
 
 def test_values_match_full_logits_oracle(real, built, orc):
     assert len(built) == N_ROWS and built.per_token and built.fingerprint == real.fp
-    check_against_oracle(built, real.examples, orc)
+    check_against_oracle(built, real.examples, orc, per_token=True)
     # response-token counts, taken independently from the raw tokenizer: the ids of
     # prompt + response + EOS after the prompt's ids, cut at max_length
     eos = real.tok.eos_token
@@ -485,7 +458,7 @@ def test_shuffled_and_filtered_rows_find_the_same_values(real, built, tmp_path):
     after = dir_bytes(d)
     assert all(after[name] == data for name, data in before.items() if name.startswith("shard"))
     assert torch.equal(cache.lookup(real.examples), built.lookup(real.examples))
-    check_against_oracle(cache, new, oracle(real.model, new))
+    check_against_oracle(cache, new, oracle(real.model, new), per_token=True)
 
 
 def test_lookup_of_missing_keys_names_the_count(real, built):

@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import gemm_f32 as _gemm_f32
-from .logprobs_triton import _check, _dz_tile, _round_like, _tanh
+from .logprobs_triton import _check, _check_seq_args, _dz_tile, _round_like, _tanh
 
 CHUNK_BYTES_MIN = 256 << 20
 CHUNK_FRACTION = 0.02
@@ -291,22 +291,11 @@ def logprobs_backward(
         raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")
     valid = targets != ignore_index
     if use_seq:
-        if seq_grad is None or seq_index is None:
-            raise ValueError("seq_index and seq_grad must be given together")
-        if grad_logp is not None or grad_lse is not None:
-            raise ValueError("seq_grad replaces grad_logp, and grad_lse is not supported "
-                             "with it: pass grad_logp=None, grad_lse=None")
-        if seq_index.shape != (n,) or seq_index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"seq_index must be [N={n}] int64, got "
-                             f"{tuple(seq_index.shape)} {seq_index.dtype}")
-        if seq_grad.dim() != 1:
-            raise ValueError(f"seq_grad must be [S], got {tuple(seq_grad.shape)}")
+        seq_index, seqg = _check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
         rows = valid.nonzero().squeeze(1)
-        sids = seq_index.to(device=dev, dtype=torch.int64).index_select(0, rows).contiguous()
-        if rows.numel() and (int(sids.min()) < 0 or int(sids.max()) >= seq_grad.numel()):
-            raise ValueError(f"seq_index of a valid position is outside [0, "
-                             f"{seq_grad.numel()})")
-        seqg = seq_grad.to(device=dev, dtype=torch.float32).contiguous()
+        sids = seq_index.index_select(0, rows)
+        if rows.numel() and (int(sids.min()) < 0 or int(sids.max()) >= seqg.numel()):
+            raise ValueError(f"seq_index of a valid position is outside [0, {seqg.numel()})")
         glp = coef = None
     else:
         zero = torch.zeros(n, dtype=torch.float32, device=dev)

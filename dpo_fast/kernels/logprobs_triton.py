@@ -480,6 +480,25 @@ def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tens
             bias.contiguous() if bias is not None else None, targets.contiguous())
 
 
+def _check_seq_args(seq_index: Optional[Tensor], seq_grad: Optional[Tensor],
+                    grad_logp: Optional[Tensor], grad_lse: Optional[Tensor], n: int,
+                    dev: torch.device) -> Tuple[Tensor, Tensor]:
+    """Validates the backward's per-sequence grad arguments (shared by the Triton backends);
+    returns (seq_index int64 [N], seq_grad fp32 [S]), contiguous on ``dev``."""
+    if seq_grad is None or seq_index is None:
+        raise ValueError("seq_index and seq_grad must be given together")
+    if grad_logp is not None or grad_lse is not None:
+        raise ValueError("seq_grad replaces grad_logp, and grad_lse is not supported "
+                         "with it: pass grad_logp=None, grad_lse=None")
+    if seq_index.shape != (n,) or seq_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"seq_index must be [N={n}] int64, got "
+                         f"{tuple(seq_index.shape)} {seq_index.dtype}")
+    if seq_grad.dim() != 1:
+        raise ValueError(f"seq_grad must be [S], got {tuple(seq_grad.shape)}")
+    return (seq_index.to(device=dev, dtype=torch.int64).contiguous(),
+            seq_grad.to(device=dev, dtype=torch.float32).contiguous())
+
+
 def logprobs_forward(
     hidden: Tensor,
     weight: Tensor,
@@ -579,18 +598,7 @@ def logprobs_backward(
 
     use_seq = seq_grad is not None or seq_index is not None
     if use_seq:
-        if seq_grad is None or seq_index is None:
-            raise ValueError("seq_index and seq_grad must be given together")
-        if grad_logp is not None or grad_lse is not None:
-            raise ValueError("seq_grad replaces grad_logp, and grad_lse is not supported "
-                             "with it: pass grad_logp=None, grad_lse=None")
-        if seq_index.shape != (n,) or seq_index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"seq_index must be [N={n}] int64, got "
-                             f"{tuple(seq_index.shape)} {seq_index.dtype}")
-        if seq_grad.dim() != 1:
-            raise ValueError(f"seq_grad must be [S], got {tuple(seq_grad.shape)}")
-        seq_index = seq_index.to(device=dev, dtype=torch.int64).contiguous()
-        seq_grad = seq_grad.to(device=dev, dtype=torch.float32).contiguous()
+        seq_index, seq_grad = _check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
     use_ent = grad_entropy is not None
     if use_ent and (entropy is None or entropy.numel() != n):
         raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")

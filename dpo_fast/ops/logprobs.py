@@ -254,12 +254,7 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperat
             raise ValueError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap)
-                                    and softcap > 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_head_options(softcap, temperature)
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
 
@@ -273,6 +268,17 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
             f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
             f"{int(bad.sum())} bad ids, first at {where}: {vals}"
         )
+
+
+def check_head_options(softcap, temperature) -> None:
+    """ValueError unless ``softcap`` is None or a finite number > 0 and ``temperature`` is a
+    finite number > 0 (the head transform every backend and the cache apply)."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap)
+                                    and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl):
