@@ -72,7 +72,20 @@ def time_fn(fn: Callable[[], None], reps: int, device: str = "cpu") -> Dict[str,
         ts.append(time.perf_counter() - t0)
     ts.sort()
     q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
-    return {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8), "reps": reps}
+    return {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8), "reps": reps,
+            "times": ts}
+
+
+def merge_rounds(method: str, runs: List[dict]) -> dict:
+    """One method's worker results from several rounds -> median / p20 / p80 over all their
+    timed steps and the largest extra-memory reading (an error if any round failed)."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return {"method": method, "error": bad[0]["error"]}
+    ts = sorted(t for r in runs for t in r.get("times", [r["time"]]))
+    q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
+    return {"method": method, "time": statistics.median(ts), "p20": q(0.2), "p80": q(0.8),
+            "times": ts, "extra_bytes": max(r["extra_bytes"] for r in runs)}
 
 
 def peak_matmul_gflops(device: str = "cpu", reps: int = 5,

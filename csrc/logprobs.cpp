@@ -159,15 +159,53 @@ RowMap make_map(const float* bias, std::optional<double> softcap, double inv_tem
   mp.cap = mp.softcap ? float(*softcap) : 1.0f;
   mp.inv_cap = mp.softcap ? float(1.0 / *softcap) : 1.0f;
   mp.inv_temp = float(inv_temperature);
+  mp.t_of_z = mp.softcap ? float(1.0 / (*softcap * inv_temperature)) : 0.0f;
   return mp;
+}
+
+// Stored logits (the chunk ops used by the pair-chunked preference loss): the forward writes
+// the mapped logits of the first `per_group` vocabulary tiles of every group into a caller's
+// fp32 buffer instead of the per-thread tile, and the backward reads them back instead of
+// recomputing them (one GEMM saved per stored tile). Slot s = g * per_group + k holds tile
+// (tile_begin(g) + k) as [nv, w] rows (w = that tile's width), nv = the call's valid rows.
+struct StorePlan {
+  float* data = nullptr;
+  int64_t per_group = 0;
+  int64_t nv = 0, vc = 0;
+  // Rows [r0, r0 + m) of tile j (group g), or nullptr when that tile is not stored.
+  float* rows_of(const VocabPlan& vp, int g, int64_t j, int64_t r0, int64_t w) const {
+    const int64_t k = j - vp.tile_begin(g);
+    if (data == nullptr || k >= per_group) return nullptr;
+    return data + (int64_t(g) * per_group + k) * nv * vc + r0 * w;
+  }
+};
+
+int64_t max_group_tiles(const VocabPlan& vp) {
+  int64_t m = 0;
+  for (int g = 0; g < vp.groups; ++g) m = std::max(m, vp.tile_end(g) - vp.tile_begin(g));
+  return m;
+}
+
+// As many whole tiles per group as the buffer holds (0 for an undefined or empty buffer).
+StorePlan plan_store(const std::optional<at::Tensor>& store, const VocabPlan& vp, int64_t nv) {
+  StorePlan sp;
+  if (!store || !store->defined() || store->numel() == 0 || nv == 0) return sp;
+  TORCH_CHECK(store->device().is_cpu() && store->scalar_type() == at::kFloat &&
+                  store->is_contiguous(),
+              "dpo_fast_cpu: the logits store must be a contiguous fp32 CPU tensor");
+  sp.per_group = std::min(max_group_tiles(vp), store->numel() / (vp.groups * nv * vp.vc));
+  sp.data = sp.per_group > 0 ? store->data_ptr<float>() : nullptr;
+  sp.nv = nv;
+  sp.vc = vp.vc;
+  return sp;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, int64_t ignore_index, std::optional<double> softcap,
-    double inv_temperature, bool with_entropy) {
+    double inv_temperature, bool with_entropy, const std::optional<at::Tensor>& store) {
   check_inputs(hidden_in, weight_in, bias, targets_in);
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
@@ -202,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
   // Per group and row: running max, sum exp(z - max), sum exp(z - max) * (z - max).
   at::Tensor state = at::empty({3 * groups * tb}, f32);
   at::Tensor ztgt = at::empty({tb}, f32);
+  const StorePlan sp = plan_store(store, vp, nv);
 
   float* logp_p = logp.data_ptr<float>();
   float* max_p = row_max.data_ptr<float>();
@@ -241,11 +280,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
           const RowMap mp = make_map(bias_p ? bias_p + v0 : nullptr, softcap, inv_temperature);
           for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
             const int64_t m = std::min(chunk, nb - c0);
+            float* zs = sp.rows_of(vp, g, j, b0 + c0, w);  // kept tile: mapped rows copied out
             gemm(fview(z, m, w), fview(hb + c0 * d, m, d), wt_t, false);
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = c0 + r;
               float* zr = z + r * w;
               const float tile_max = map_row_max(zr, w, mp);
+              if (zs != nullptr) std::memcpy(zs + r * w, zr, w * sizeof(float));
               const int64_t tl = tgt[rows[b0 + i]] - v0;
               if (tl >= 0 && tl < w) zt[i] = zr[tl];
               const float m_old = m_g[i];
@@ -292,13 +333,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
   return {logp, row_max, ent, log_sum};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
+// Accumulate mode (the chunk op): dh_out [N, D] fp32 gets the valid rows written, dw_out
+// [V, D] and db_out [V] fp32 are added to (overwritten when `overwrite`: their old contents
+// are ignored); otherwise fresh dh / dW / db are returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, const at::Tensor& row_max_in, const at::Tensor& log_sum_in,
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
-    int64_t ignore_index, std::optional<double> softcap, double inv_temperature) {
+    int64_t ignore_index, std::optional<double> softcap, double inv_temperature,
+    const std::optional<at::Tensor>& store, const at::Tensor& dh_out, const at::Tensor& dw_out,
+    const at::Tensor& db_out, bool overwrite) {
   check_inputs(hidden_in, weight_in, bias, targets_in);
+  const bool acc_mode = dw_out.defined();
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor targets = targets_in.contiguous();
@@ -321,16 +368,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
   const float* glp_p = g_lp.defined() ? g_lp.const_data_ptr<float>() : nullptr;
   const float* glse_p = g_lse.defined() ? g_lse.const_data_ptr<float>() : nullptr;
   const float* gent_p = use_ent ? g_ent.const_data_ptr<float>() : nullptr;
+  // With stored tiles the row set must be the forward's (the store is indexed by it), so
+  // rows whose grads are all zero are kept; otherwise they are skipped.
+  const bool keep_all = store && store->defined() && store->numel() > 0;
   const std::vector<int64_t> rows = select_rows(targets, ignore_index, vocab, [&](int64_t i) {
-    return (glp_p && glp_p[i] != 0.0f) || (glse_p && glse_p[i] != 0.0f) ||
+    return keep_all || (glp_p && glp_p[i] != 0.0f) || (glse_p && glse_p[i] != 0.0f) ||
            (gent_p && gent_p[i] != 0.0f);
   });
   const int64_t nv = int64_t(rows.size());
 
-  at::Tensor dh = at::zeros_like(hidden);
-  at::Tensor db32 = bias ? at::zeros({vocab}, f32) : at::Tensor();
-  auto finish_db = [&]() { return bias ? db32.to(bias->scalar_type()) : at::empty({0}, f32); };
-  if (nv == 0 || vocab == 0) return {dh, at::zeros_like(weight), finish_db()};
+  if (acc_mode) {
+    auto ok = [&](const at::Tensor& t, at::IntArrayRef shape) {
+      return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+             t.is_contiguous() && t.sizes() == shape;
+    };
+    TORCH_CHECK(ok(dh_out, {n, d}) && ok(dw_out, {vocab, d}) && (!bias || ok(db_out, {vocab})),
+                "dpo_fast_cpu: accumulate mode needs contiguous fp32 dh [N, D], dW [V, D] "
+                "(and db [V] with a bias)");
+  }
+  at::Tensor dh = acc_mode ? dh_out : at::zeros_like(hidden);
+  at::Tensor db32 = !bias ? at::Tensor() : acc_mode ? db_out : at::zeros({vocab}, f32);
+  auto finish_db = [&]() {
+    return bias && !acc_mode ? db32.to(bias->scalar_type()) : at::empty({0}, f32);
+  };
+  if (acc_mode && overwrite) {
+    if (nv == 0) dw_out.zero_();
+    if (bias) db_out.zero_();  // add_row accumulates into it
+  }
+  if (nv == 0 || vocab == 0)
+    return {dh, acc_mode ? dw_out : at::zeros_like(weight), finish_db()};
 
   // Per live row: target, row max, log-sum, entropy, coef = g_lp - g_lse, g_ent, g_lp.
   const int64_t* tgt_all = targets.const_data_ptr<int64_t>();
@@ -365,15 +431,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
   // fp16/bf16: dW must accumulate in fp32 across token blocks. Either one block (each group
   // finishes its dW tiles in a [Vc, D] fp32 buffer; scratch grows with nv) or an fp32 [V, D]
   // accumulator, as the twin has: whichever needs less memory.
-  if (!w_f32 && tb < nv && double(nv) * row_bytes <= double(vocab) * d * 4.0) tb = nv;
-  const bool dw_full_f32 = !w_f32 && tb < nv;
+  if (!acc_mode && !w_f32 && tb < nv && double(nv) * row_bytes <= double(vocab) * d * 4.0)
+    tb = nv;
+  const bool dw_full_f32 = acc_mode || (!w_f32 && tb < nv);
 
-  at::Tensor dw = w_f32 ? at::empty({vocab, d}, f32) : at::empty_like(weight);
-  at::Tensor dw_acc = dw_full_f32 ? at::empty({vocab, d}, f32) : at::Tensor();
+  at::Tensor dw = acc_mode ? dw_out : w_f32 ? at::empty({vocab, d}, f32) : at::empty_like(weight);
+  at::Tensor dw_acc = acc_mode ? dw_out : dw_full_f32 ? at::empty({vocab, d}, f32) : at::Tensor();
   at::Tensor hbuf = at::empty({direct ? 0 : tb * d}, f32);
   at::Tensor zbuf = at::empty({groups * chunk * vp.vc}, f32);
   at::Tensor wbuf = at::empty({w_f32 ? 0 : groups * vp.vc * d}, f32);
   at::Tensor dwbuf = at::empty({(w_f32 || dw_full_f32) ? 0 : groups * vp.vc * d}, f32);
+  const StorePlan sp = plan_store(store, vp, nv);
   at::Tensor dhbuf = at::empty({groups * tb * d}, f32);
   std::vector<char> group_used(groups);
   for (int g = 0; g < groups; ++g) group_used[g] = vp.tile_end(g) > vp.tile_begin(g);
@@ -401,7 +469,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
           }
           float* dwt;  // fp32 [w, D] accumulator of this tile's dW
           bool dw_fresh;
-          if (w_f32) {
+          if (acc_mode) {
+            dwt = dw_acc.data_ptr<float>() + v0 * d;
+            dw_fresh = overwrite && b0 == 0;
+          } else if (w_f32) {
             dwt = dw.data_ptr<float>() + v0 * d;
             dw_fresh = b0 == 0;
           } else if (dw_full_f32) {
@@ -416,20 +487,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
           const float inv_t = float(inv_temperature);
           for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
             const int64_t m = std::min(chunk, nb - c0);
+            const float* zs = sp.rows_of(vp, g, j, b0 + c0, w);  // mapped logits, forward
             const at::Tensor z_t = fview(z, m, w);
             const at::Tensor h_t = fview(hb + c0 * d, m, d);
-            gemm(z_t, h_t, wt_t.t(), false);
+            if (zs == nullptr) gemm(z_t, h_t, wt_t.t(), false);
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = b0 + c0 + r;
               float* zr = z + r * w;
               const int64_t tl = tgt[i] - v0;
               const bool hit = tl >= 0 && tl < w && r_glp[i] != 0.0f;
-              const float z0_tgt = hit ? zr[tl] : 0.0f;
-              grad_row(zr, w, mp, RowGrad{r_max[i], r_logs[i], r_ent[i], r_coef[i], r_gent[i], use_ent});
+              // raw z0 (recomputed) or mapped z (kept)
+              const float z_tgt = !hit ? 0.0f : zs == nullptr ? zr[tl] : zs[r * w + tl];
+              const RowGrad rg{r_max[i], r_logs[i], r_ent[i], r_coef[i], r_gent[i], use_ent};
+              if (zs == nullptr) {
+                grad_row(zr, w, mp, rg);
+              } else {
+                grad_row_mapped(zs + r * w, zr, w, mp, rg);
+              }
               if (hit) {  // + g_lp * onehot(y), through temperature and softcap
                 float fac = inv_t;
                 if (softcap) {
-                  const float tt = std::tanh((z0_tgt + (bias_p ? bias_p[v0 + tl] : 0.0f)) * mp.inv_cap);
+                  const float tt =
+                      zs == nullptr ? std::tanh((z_tgt + (bias_p ? bias_p[v0 + tl] : 0.0f)) * mp.inv_cap)
+                                    : z_tgt * mp.t_of_z;
                   fac *= 1.0f - tt * tt;
                 }
                 zr[tl] += r_glp[i] * fac;
@@ -461,8 +541,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
       });
     }
   }
-  if (dw_full_f32) dw.copy_(dw_acc);
+  if (dw_full_f32 && !acc_mode) dw.copy_(dw_acc);
   return {dh, dw, finish_db()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, std::optional<double> softcap,
+    double inv_temperature, bool with_entropy) {
+  return fwd_core(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature,
+                  with_entropy, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& row_max, const at::Tensor& log_sum,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
+    int64_t ignore_index, std::optional<double> softcap, double inv_temperature) {
+  return bwd_core(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
+                  grad_entropy, ignore_index, softcap, inv_temperature, std::nullopt,
+                  at::Tensor(), at::Tensor(), at::Tensor(), false);
+}
+
+// The chunk ops: forward with the first tiles' logits kept in `store` (entropy always), and
+// the matching backward from grad_logp that writes dh rows and adds into dw / db.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, std::optional<double> softcap,
+    double inv_temperature, at::Tensor store) {
+  return fwd_core(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, true,
+                  store);
+}
+
+void chunk_bwd(const at::Tensor& hidden, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+               const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& grad_logp,
+               int64_t ignore_index, std::optional<double> softcap, double inv_temperature,
+               const at::Tensor& store, at::Tensor dh, at::Tensor dw,
+               const std::optional<at::Tensor>& db, bool overwrite) {
+  TORCH_CHECK(!bias || (db && db->defined()), "dpo_fast_cpu: chunk_bwd with a bias needs db");
+  bwd_core(hidden, weight, bias, targets, row_max, log_sum, std::nullopt, grad_logp,
+           std::nullopt, std::nullopt, ignore_index, softcap, inv_temperature, store, dh, dw,
+           db ? *db : at::Tensor(), overwrite);
+}
+
+// What a store of `budget_floats` floats keeps for an [n_rows] chunk at vocabulary size
+// `vocab` with the current thread count: [floats used, logit columns kept, floats that would
+// keep every column]. The chunk ops use exactly the first "floats used" of a larger buffer.
+std::vector<int64_t> store_plan(int64_t n_rows, int64_t vocab, int64_t budget_floats) {
+  const VocabPlan vp = plan_vocab(vocab, tile_sizes().vocab, std::max(1, at::get_num_threads()));
+  const int64_t per_tile = std::max<int64_t>(n_rows, 1) * vp.vc;
+  const int64_t per_group =
+      std::min(max_group_tiles(vp), std::max<int64_t>(budget_floats, 0) / (vp.groups * per_tile));
+  int64_t cols = 0;
+  for (int g = 0; g < vp.groups; ++g)
+    for (int64_t j = vp.tile_begin(g); j < std::min(vp.tile_end(g), vp.tile_begin(g) + per_group); ++j)
+      cols += std::min(vp.vc, vocab - j * vp.vc);
+  return {per_group * vp.groups * per_tile, cols, max_group_tiles(vp) * vp.groups * per_tile};
 }
 
 TORCH_LIBRARY(dpo_fast_cpu, m) {
@@ -473,12 +609,23 @@ TORCH_LIBRARY(dpo_fast_cpu, m) {
       "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
       "Tensor log_sum, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "
       "int ignore_index, float? softcap, float inv_temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
+      "float? softcap, float inv_temperature, Tensor(a!) store) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
+      "Tensor log_sum, Tensor grad_logp, int ignore_index, float? softcap, float inv_temperature, "
+      "Tensor store, Tensor(a!) dh, Tensor(b!) dw, Tensor(c!)? db, bool overwrite) -> ()");
+  m.def("store_plan(int n_rows, int vocab, int budget_floats) -> int[]", &store_plan);
 }
 
 TORCH_LIBRARY_IMPL(dpo_fast_cpu, CPU, m) {
   m.impl("logprobs_fwd", &logprobs_fwd);
   m.impl("logprobs_bwd", &logprobs_bwd);
+  m.impl("chunk_fwd", &chunk_fwd);
+  m.impl("chunk_bwd", &chunk_bwd);
 }
+
 
 }  // namespace dpo_fast_cpu
 

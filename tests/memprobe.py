@@ -1,6 +1,8 @@
 """Peak extra host memory of one fwd+bwd of linear_logprobs, measured in a fresh process.
 
 Usage: python tests/memprobe.py IMPL N D V   ->  prints one JSON line.
+IMPL "dpo:<impl>" measures fused_preference_loss (its defaults) on N tokens packed as
+pairs of 512-token sequences instead.
 
 "Extra" = peak RSS during the second fwd+bwd minus the RSS with inputs and the previous
 step's gradients resident (what a training loop holds between steps). The first call
@@ -50,6 +52,12 @@ def main() -> None:
     import dpo_fast
 
     def run(h, w, t):
+        if impl.startswith("dpo:"):
+            seq = torch.arange(n) // 512
+            ref = -torch.rand(int(seq.max()) + 1) * 50 - 100
+            out = dpo_fast.fused_preference_loss(h, w, t, seq, ref, impl=impl[4:])
+            out.loss.backward()
+            return
         if impl == "naive":
             logp = torch.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)
         else:

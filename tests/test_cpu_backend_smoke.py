@@ -181,3 +181,86 @@ def test_bitwise_deterministic(dtype):
     c = _run(h, w, b, t, grads, softcap=30.0, temperature=0.7)
     for k in a:
         assert torch.equal(a[k], c[k]), f"{k} differs between two identical runs"
+
+
+# ----------------------------------------------- chunk ops: logits kept from the forward
+
+
+def _run_chunk(hidden, weight, bias, targets, g_logp, keep, *, softcap=None, temperature=1.0):
+    """chunk_fwd + chunk_bwd with none / part / all of the logit tiles kept; dh, dW and db
+    start from known values (dh rows of ignored positions must stay, dW / db are added to)."""
+    from dpo_fast.kernels.dpo_scratch import cpp_store_plan
+
+    ops = torch.ops.dpo_fast_cpu
+    n, d = hidden.shape
+    v = weight.shape[0]
+    nv = int((targets != IGNORE).sum())
+    _, _, full = cpp_store_plan(nv, v, 1 << 40)
+    budget = {"none": 0, "partial": full // 2, "all": full}[keep] * 4
+    used, cols, _ = cpp_store_plan(nv, v, budget)
+    assert {"none": cols == 0, "partial": 0 < cols < v, "all": cols == v}[keep], cols
+    store = torch.full((used + 5,), math.nan)  # a larger buffer: only whole tiles are used
+    inv_t = 1.0 / temperature
+    logp, row_max, ent, log_sum = ops.chunk_fwd(hidden, weight, bias, targets, IGNORE, softcap,
+                                               inv_t, store)
+    dh = torch.full((n, d), 7.0)
+    dw = torch.full((v, d), 0.5)
+    db = torch.full((v,), 3.0) if bias is not None else None
+    ops.chunk_bwd(hidden, weight, bias, targets, row_max, log_sum, g_logp, IGNORE, softcap, inv_t,
+                  store, dh, dw, db, False)
+    valid = targets != IGNORE
+    assert (dh[~valid] == 7.0).all(), "chunk_bwd wrote dh rows of ignored positions"
+    out = {"logp": logp, "lse": row_max + log_sum, "entropy": ent,
+           "d_hidden": torch.where(valid[:, None], dh, 0.0), "d_weight": dw - 0.5}
+    if db is not None:
+        out["d_bias"] = db - 3.0
+    return out
+
+
+@pytest.mark.parametrize("keep", ["none", "partial", "all"])
+@pytest.mark.parametrize("case", [
+    # fp32, D=576: three 512-row token chunks, and the backward cuts other token blocks
+    # than the forward (the store is indexed by valid row, not by block).
+    dict(n=1500, d=576, v=3000, dtype=torch.float32, bias=True, softcap=30.0, temperature=0.7),
+    dict(n=300, d=64, v=5000, dtype=torch.float32, bias=False, softcap=None, temperature=1.0),
+    dict(n=200, d=96, v=3000, dtype=torch.bfloat16, bias=True, softcap=30.0, temperature=1.0),
+], ids=["fp32-blocks-cap-temp", "fp32-plain", "bf16-cap"])
+def test_chunk_ops_against_float64(keep, case):
+    n, d, v, dtype = case["n"], case["d"], case["v"], case["dtype"]
+    h, w, b, t = _make(n, d, v, dtype, bias=case["bias"], seed=n + v)
+    g = _upstream(n, lse=False, entropy=False)["logp"]
+    g[5:40] = 0.0  # rows with no upstream grad stay in the row set of a kept store
+    opts = dict(softcap=case["softcap"], temperature=case["temperature"])
+    got = _run_chunk(h, w, b, t, g, keep, **opts)
+    kw = dict(ignore_index=IGNORE, grads={"logp": g}, **opts)
+    truth = naive_logprobs(h, w, t, b, dtype=torch.float64, **kw)
+    same = naive_logprobs(h, w, t, b, dtype=dtype, **kw)
+    for name in ("logp", "lse", "entropy", "d_hidden", "d_weight", "d_bias"):
+        if name in got:
+            assert_close_to_truth(name, got[name], same[name].float(), truth[name], dtype)
+
+
+def test_chunk_ops_kept_logits_equal_recomputed():
+    # No softcap: a kept logit is the recomputed one bit for bit, so all outputs agree exactly.
+    h, w, b, t = _make(700, 96, 3000, torch.float32, bias=True, seed=3)
+    g = _upstream(700, lse=False, entropy=False)["logp"]
+    runs = [_run_chunk(h, w, b, t, g, keep) for keep in ("none", "partial", "all")]
+    for other in runs[1:]:
+        for k in runs[0]:
+            assert torch.equal(runs[0][k], other[k]), k
+
+
+def test_chunk_bwd_overwrite_ignores_old_contents():
+    h, w, b, t = _make(300, 64, 3000, torch.float32, bias=True, seed=4)
+    g = _upstream(300, lse=False, entropy=False)["logp"]
+    ops = torch.ops.dpo_fast_cpu
+    store = torch.empty(0)
+    _, row_max, _, log_sum = ops.chunk_fwd(h, w, b, t, IGNORE, None, 1.0, store)
+    outs = []
+    for fill, overwrite in ((0.0, False), (math.nan, True)):
+        dh, dw, db = torch.zeros(300, 64), torch.full((3000, 64), fill), torch.full((3000,), fill)
+        ops.chunk_bwd(h, w, b, t, row_max, log_sum, g, IGNORE, None, 1.0, store, dh, dw, db,
+                      overwrite)
+        outs.append((dh, dw, db))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)

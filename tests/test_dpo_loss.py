@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast.kernels import logprobs_cpu
+from dpo_fast.kernels import dpo_scratch, logprobs_cpu
+from dpo_fast.ops import dpo_loss as dpo_loss_mod
 from oracle import TOL, naive_logits
 
-IMPLS = ["torch", "triton", "triton_fused"] + (
-    ["cpu"] if logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
-    else [])
+HAVE_CPU = logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
+# "cpu" runs the C++ backend's default (the chunked scratch engine with the default budget),
+# "cpu-flat" the same backend memory-flat (max_scratch_bytes=None).
+IMPLS = ["torch", "triton", "triton_fused"] + (["cpu", "cpu-flat"] if HAVE_CPU else [])
 
 
 def _packed_batch(b, d, v, *, prompt_lens, resp_lens, seed=0, dtype=torch.float32, bias=False,
@@ -69,6 +71,11 @@ def unfused(batch, dtype, *, loss_type="sigmoid", beta=0.1, softcap=None, temper
                 hit=hit, gap=gap, valid=valid, b=b)
 
 
+def _scratch_path(out):
+    """True if the loss came from the scratch engine (grads formed in the forward)."""
+    return type(out.loss.grad_fn).__name__.startswith("ScratchPreferenceLoss")
+
+
 def _assert_rule(name, got, same, truth, dtype):
     err = (got.double() - truth.double()).abs().max().item()
     ref = (same.double() - truth.double()).abs().max().item()
@@ -82,6 +89,8 @@ def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, device="cpu
     same = unfused(batch, dtype, **kw)
     if max_scratch_bytes is not None:
         kw["max_scratch_bytes"] = max_scratch_bytes
+    if impl == "cpu-flat":
+        impl, kw["max_scratch_bytes"] = "cpu", None
     h = batch["hidden"].clone().requires_grad_()
     w = batch["weight"].clone().requires_grad_()
     bias = batch["bias"].clone().requires_grad_() if batch["bias"] is not None else None
@@ -223,12 +232,15 @@ def test_reference_based_type_without_reference_is_refused():
     assert torch.isfinite(out.loss)
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("impl", ["torch", "cpu"][: 1 + HAVE_CPU])
+def test_torch_compile_matches_eager(impl):
+    # On "cpu" eager runs the chunk engine (default scratch) and the compiled code the
+    # memory-flat custom op (what "auto" picks while compiling): the same math.
     batch = _packed_batch(2, 32, 300, prompt_lens=[2, 3, 1, 4], resp_lens=[5, 7, 3, 6])
 
     def f(h, w):
         out = dpo_fast.fused_preference_loss(h, w, batch["targets"], batch["seq_index"],
-                                             batch["ref_logps"], impl="torch", num_pairs=2)
+                                             batch["ref_logps"], impl=impl, num_pairs=2)
         return out.loss
 
     h1 = batch["hidden"].clone().requires_grad_()
@@ -254,7 +266,7 @@ def test_scratch_mode_matches_unfused(budget_pairs, opts):
     batch = _packed_batch(4, 64, 777, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
     budget = budget_pairs * (max(resp) * 2) * 777 * 4
     out = _check(batch, "torch", max_scratch_bytes=budget, **opts)
-    assert out.preference.terms[0] is out.losses  # produced by the scratch path
+    assert _scratch_path(out)
 
 
 def test_scratch_mode_equals_memory_flat_and_falls_back():
@@ -274,3 +286,70 @@ def test_scratch_mode_equals_memory_flat_and_falls_back():
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="max_scratch_bytes"):
         dpo_fast.fused_preference_loss(*args, impl="torch", max_scratch_bytes=0)
+
+
+# ------------------------------------- C++ chunk engine: part of the logits kept, any budget
+
+
+def _cpu_budget(keep, rows, v):
+    """Scratch bytes that keep none / part / all of an [rows]-token chunk's logit tiles."""
+    _, _, full = dpo_scratch.cpp_store_plan(rows, v, 1 << 40)
+    return {"none": 4, "partial": full * 4 // 2, "all": 1 << 40}[keep]
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="C++ extension not built")
+@pytest.mark.parametrize("keep", ["none", "partial", "all"])
+@pytest.mark.parametrize("opts", [
+    dict(), dict(softcap=30.0, temperature=0.7), dict(loss_type="ipo"),
+    dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), dict(label_smoothing=0.1),
+], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo"])
+def test_cpu_chunk_engine_matches_unfused(keep, opts, monkeypatch):
+    # One pair per chunk unless several fit (the 512-token floor would make one chunk here).
+    monkeypatch.setattr(dpo_scratch, "MIN_CHUNK_ROWS", 1)
+    resp = [9, 13, 5, 20, 7, 3, 11, 6]
+    v = 3000  # 6 vocabulary tiles of the C++ kernel: 3 per core at 2 threads
+    batch = _packed_batch(4, 64, v, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
+    budget = _cpu_budget(keep, 20 + 6, v)  # the largest pair: sequences 3 and 7
+    _, cols, _ = dpo_scratch.cpp_store_plan(26, v, budget)
+    assert {"none": cols == 0, "partial": 0 < cols < v, "all": cols == v}[keep], cols
+    out = _check(batch, "cpu", max_scratch_bytes=budget, **opts)
+    assert _scratch_path(out)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_chunk_engine_half_dtypes(dtype, monkeypatch):
+    monkeypatch.setattr(dpo_scratch, "MIN_CHUNK_ROWS", 1)
+    batch = _packed_batch(2, 96, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                          dtype=dtype, bias=True)
+    out = _check(batch, "cpu", dtype=dtype, max_scratch_bytes=_cpu_budget("partial", 33, 3000),
+                 softcap=30.0)
+    assert _scratch_path(out)
+
+
+@pytest.mark.skipif(not HAVE_CPU, reason="C++ extension not built")
+def test_cpu_default_budget_and_its_fallbacks(monkeypatch):
+    batch = _packed_batch(2, 32, 500, prompt_lens=[2] * 4, resp_lens=[4, 7, 3, 5])
+    args = (batch["targets"], batch["seq_index"], batch["ref_logps"])
+    h = batch["hidden"].clone().requires_grad_()
+    auto = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu")
+    assert _scratch_path(auto)  # the chunk engine, by default
+    auto.loss.backward()
+    flat = dpo_fast.fused_preference_loss(batch["hidden"].clone().requires_grad_(),
+                                          batch["weight"], *args, impl="cpu",
+                                          max_scratch_bytes=None)
+    assert not _scratch_path(flat)
+    torch.testing.assert_close(flat.loss, auto.loss, rtol=0, atol=1e-6)
+    # A batch-coupled type falls back to memory-flat.
+    aot = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu", loss_type="aot")
+    assert not _scratch_path(aot)
+    # No gradient wanted (evaluation): forward only, no gradient formed in the forward.
+    def _refuse(*a, **k):
+        raise AssertionError("the scratch engine ran under no_grad")
+    monkeypatch.setattr(dpo_loss_mod, "scratch_preference_loss", _refuse)
+    with torch.no_grad():
+        ev = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu")
+    torch.testing.assert_close(ev.loss, auto.loss.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="max_scratch_bytes"):
+        dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu",
+                                       max_scratch_bytes="big")

@@ -45,3 +45,20 @@ def test_fwd_bwd_extra_memory_within_2_percent_of_logits(impl):
     assert r["extra_bytes"] <= BUDGET, (
         f"{impl}: extra {r['extra_bytes'] / 2**20:.1f} MiB > budget {BUDGET / 2**20:.1f} MiB"
     )
+
+
+def test_dpo_loss_default_scratch_is_bounded():
+    # The C++ backend's default keeps DEFAULT_CPU_SCRATCH_BYTES of each pair's logits (here
+    # 40 MiB of a pair's 256 MiB): extra memory is that plus the 2% op budget, whatever V.
+    if not logprobs_cpu.available():
+        if os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1":
+            pytest.fail(f"C++ extension required but not built: {logprobs_cpu.load_error()}")
+        pytest.skip("C++ extension not built")
+    from dpo_fast.ops.dpo_loss import DEFAULT_CPU_SCRATCH_BYTES
+
+    r = _probe("dpo:cpu")
+    pair_logits = 1024 * V * 4
+    assert DEFAULT_CPU_SCRATCH_BYTES < pair_logits / 4  # the probe could see a whole pair
+    limit = DEFAULT_CPU_SCRATCH_BYTES + BUDGET
+    assert r["extra_bytes"] <= limit, (
+        f"extra {r['extra_bytes'] / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB")

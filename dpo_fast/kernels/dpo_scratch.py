@@ -1,15 +1,23 @@
-"""Scratch-budget preference loss: gradient formed during the forward pass (3 GEMMs).
+"""Scratch-budget preference loss: the gradient is formed during the forward pass.
 
 For loss types whose per-pair loss depends only on that pair, a chunk of whole pairs holds
-everything its gradient needs once its logits exist: per-token log-probs -> the pair's
-sequence log-probs -> dL/d(sequence logp) -> dz = g (onehot - p) -> dh, dW. So each chunk's
-logits are computed once ([tokens, V] fp32 scratch, bounded by ``max_scratch_bytes``) and
-the backward recompute of the memory-flat path is saved: 3 GEMMs (logits, dh, dW) instead of
-4, at the price of the scratch. The forward returns the loss and keeps dh / dW / db; the
-backward only scales them by the upstream gradient (a scalar).
+everything its gradient needs once its log-probs are known: per-token log-probs -> the pair's
+sequence log-probs -> dL/d(sequence logp) -> dz = g (onehot - p) -> dh, dW. Each chunk is
+run forward, its loss coefficients taken, and its backward run right away, so the autograd
+backward only scales the finished grads by the upstream (scalar) gradient. What the scratch
+buys is the backward's recompute GEMM: logits kept from the forward need not be recomputed.
 
-Same math as :mod:`dpo_fast.kernels.logprobs_torch` (per token) and
-:func:`dpo_fast.preference_loss` (per pair); any device torch runs on.
+Two engines, same math as :mod:`dpo_fast.kernels.logprobs_torch` (per token) and
+:func:`dpo_fast.preference_loss` (per pair):
+
+* ``_TorchChunks`` (any device; the twin): a chunk's whole [tokens, V] fp32 logits live in
+  the scratch (3 GEMMs: logits, dh, dW); a pair that does not fit sends the batch to the
+  memory-flat path.
+* ``_CppChunks`` (the C++ ops ``chunk_fwd`` / ``chunk_bwd``): the scratch keeps as many of
+  the kernel's per-core vocabulary tiles as fit (the first ones of every core's range) and
+  the backward recomputes the rest, so any budget works: 4 GEMMs at 0 bytes, 4 - f with a
+  fraction f of the logits kept, 3 when a whole chunk fits. The kernel's per-core tiles run
+  at the machine's GEMM peak where one big 2-thread GEMM does not.
 """
 
 from __future__ import annotations
@@ -61,14 +69,138 @@ def _logits(h: Tensor, wf: Tensor, bias: Optional[Tensor], out: Tensor,
     return t
 
 
+MIN_CHUNK_ROWS = 512  # the C++ kernel's token tile: smaller chunks give it smaller GEMMs
+
+
+def pair_chunks_partial(lengths: Tensor, b: int, vocab: int, max_scratch_bytes: int,
+                        min_rows: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Greedy chunks [p0, p1) of whole pairs for the C++ engine: a pair joins the chunk while
+    the chunk's [tokens, V] fp32 logits still fit in ``max_scratch_bytes`` or the chunk has
+    fewer than ``min_rows`` tokens (short pairs are grouped so the GEMMs stay large). A chunk
+    that does not fit keeps part of its logits (never an empty list)."""
+    min_rows = MIN_CHUNK_ROWS if min_rows is None else min_rows
+    per_pair = (lengths[:b] + lengths[b:]).tolist()
+    cap = max_scratch_bytes // (vocab * 4)
+    chunks, p0, tok = [], 0, 0
+    for j, t in enumerate(per_pair):
+        if j > p0 and tok + t > cap and tok >= min_rows:
+            chunks.append((p0, j))
+            p0, tok = j, 0
+        tok += t
+    chunks.append((p0, b))
+    return chunks
+
+
+def cpp_store_plan(n_rows: int, vocab: int, budget_bytes: int) -> Tuple[int, int, int]:
+    """For the C++ engine at the current thread count: (floats the store uses, logit columns
+    of V it keeps, floats that would keep all V) for a chunk of ``n_rows`` tokens and a
+    ``budget_bytes`` scratch. The backward recomputes the other V - kept columns."""
+    used, cols, full = torch.ops.dpo_fast_cpu.store_plan(n_rows, vocab, budget_bytes // 4)
+    return int(used), int(cols), int(full)
+
+
+class _TorchChunks:
+    """Whole-chunk scratch in torch ops: forward(h, tgt) -> (logp, ent, hit) per row, then
+    backward(h, tgt, g, dh_rows, dw, db, first) adds the chunk's grads (dw / db in place;
+    on the first chunk ``overwrites`` engines ignore their old contents)."""
+
+    overwrites = False
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
+                 inv_t: float, max_rows: int, budget: int):
+        dev = weight.device
+        # Half inputs: on CUDA the GEMMs take them as they are (fp32 output / accumulation);
+        # elsewhere the weight is upcast once (CPU has no fp32-output half GEMM).
+        self.native = weight.dtype == torch.float32 or dev.type == "cuda"
+        self.wf = weight if self.native else weight.float()
+        self.bias, self.softcap, self.inv_t = bias, softcap, inv_t
+        self.row_block = _ROW_BLOCK if dev.type == "cpu" else max(1, max_rows)
+        self.scratch = torch.empty(max_rows * weight.shape[0], dtype=torch.float32, device=dev)
+
+    def prepare(self, h: Tensor) -> Tensor:
+        return h if self.native else h.float()
+
+    def forward(self, h: Tensor, tgt: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        n_c, dev = h.shape[0], h.device
+        z = self.scratch[: n_c * self.wf.shape[0]].view(n_c, self.wf.shape[0])
+        self.z, self.t = z, _logits(h, self.wf, self.bias, z, self.softcap, self.inv_t)
+        # Softmax, target log-prob, entropy and argmax hit, in row blocks that stay in
+        # cache (one DRAM pass over the chunk's logits instead of one per op).
+        tok_logp = torch.empty(n_c, dtype=torch.float32, device=dev)
+        ent = torch.empty(n_c, dtype=torch.float32, device=dev)
+        hit = torch.empty(n_c, dtype=torch.bool, device=dev)
+        rb = self.row_block
+        for r in range(0, n_c, rb):
+            blk = z[r:r + rb]
+            blk -= blk.amax(dim=1, keepdim=True)
+            zt = blk.gather(1, tgt[r:r + rb, None])[:, 0]  # z[y] - max
+            e = blk.exp()
+            s_ = e.sum(dim=1)
+            log_s = s_.log()
+            ent[r:r + rb] = log_s - torch.linalg.vecdot(e, blk) / s_
+            tok_logp[r:r + rb] = zt - log_s
+            hit[r:r + rb] = zt == 0
+            torch.div(e, s_[:, None], out=blk)  # p
+        return tok_logp, ent, hit
+
+    def backward(self, h: Tensor, tgt: Tensor, g: Tensor, dh_rows: Tensor, dw: Tensor,
+                 db: Optional[Tensor], first: bool) -> None:
+        z, t, inv_t, rb = self.z, self.t, self.inv_t, self.row_block
+        # dz = g (onehot - p), through temperature and softcap; in place, in row blocks.
+        for r in range(0, z.shape[0], rb):
+            blk = z[r:r + rb]
+            gb = g[r:r + rb, None]
+            blk *= -gb * inv_t if inv_t != 1.0 else -gb
+            blk.scatter_add_(1, tgt[r:r + rb, None], gb * inv_t)
+            if t is not None:
+                tb = t[r:r + rb]
+                blk *= 1.0 - tb * tb
+        zg = z if h.dtype == torch.float32 else z.to(h.dtype)  # GEMM operand, as autograd
+        _gemm_f32(zg, self.wf, dh_rows)
+        _gemm_f32(zg.T, h, dw, accumulate=True)
+        if db is not None:
+            db += z.sum(dim=0)
+        self.z = self.t = None
+
+
+class _CppChunks:
+    """The C++ chunk ops; the store keeps as many whole vocabulary tiles as the budget
+    allows for the largest chunk (:func:`cpp_store_plan`)."""
+
+    overwrites = True  # the first chunk writes dW / db instead of adding to zeros
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
+                 inv_t: float, max_rows: int, budget: int, ignore_index: int):
+        used, _, _ = cpp_store_plan(max_rows, weight.shape[0], budget)
+        self.store = torch.empty(used, dtype=torch.float32)
+        self.weight, self.bias, self.softcap, self.inv_t = weight, bias, softcap, inv_t
+        self.ig = ignore_index
+
+    def prepare(self, h: Tensor) -> Tensor:
+        return h
+
+    def forward(self, h: Tensor, tgt: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        logp, self.row_max, ent, self.log_sum = torch.ops.dpo_fast_cpu.chunk_fwd(
+            h, self.weight, self.bias, tgt, self.ig, self.softcap, self.inv_t, self.store)
+        # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
+        return logp, ent, logp == -self.log_sum
+
+    def backward(self, h: Tensor, tgt: Tensor, g: Tensor, dh_rows: Tensor, dw: Tensor,
+                 db: Optional[Tensor], first: bool) -> None:
+        torch.ops.dpo_fast_cpu.chunk_bwd(
+            h, self.weight, self.bias, tgt, self.row_max, self.log_sum, g, self.ig,
+            self.softcap, self.inv_t, self.store, dh_rows, dw, db, first)
+
+
 class ScratchPreferenceLoss(torch.autograd.Function):
     """loss = mean over pairs of the per-pair preference loss; grads formed in forward.
 
     forward(hidden [N, D], weight [V, D], bias [V] | None, opts: dict) -> loss [].
     No pair may be empty (the caller falls back to memory-flat otherwise), so the mean is
     over all B pairs. ``opts`` carries targets, seq (sanitized [N] sequence ids), b, ref,
-    ignore_index, softcap, inv_temperature, chunks, the preference_loss keyword arguments,
-    and a ``stats`` dict that the forward fills (per-sequence logps, rewards, metrics).
+    ignore_index, softcap, inv_temperature, chunks, engine ("torch" / "cpu"), budget, the
+    preference_loss keyword arguments, and a ``stats`` dict that the forward fills
+    (per-sequence logps, rewards, metrics).
     """
 
     @staticmethod
@@ -77,52 +209,31 @@ class ScratchPreferenceLoss(torch.autograd.Function):
 
         targets, seq, b = opts["targets"], opts["seq"], opts["b"]
         ref, ig = opts["ref"], opts["ignore_index"]
-        softcap, inv_t = opts["softcap"], opts["inv_temperature"]
         dev = hidden.device
         vocab, d = weight.shape
         valid = targets != ig
+        max_rows = max(opts["chunk_tokens"])
+        args = (weight, bias, opts["softcap"], opts["inv_temperature"], max_rows, opts["budget"])
+        eng = _CppChunks(*args, ig) if opts["engine"] == "cpu" else _TorchChunks(*args)
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
-        dw = torch.zeros(vocab, d, dtype=torch.float32, device=dev)
-        db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
+        new = torch.empty if eng.overwrites else torch.zeros  # dW: a weight-sized memset saved
+        dw = new(vocab, d, dtype=torch.float32, device=dev)
+        db = new(vocab, dtype=torch.float32, device=dev) if bias is not None else None
         seq_logps = torch.zeros(2 * b, dtype=torch.float64, device=dev)
         ent_sum = torch.zeros(2 * b, dtype=torch.float64, device=dev)
         hit_sum = torch.zeros(2 * b, dtype=torch.float64, device=dev)
         losses, rew_c, rew_r = [], [], []
-        max_tok = max(opts["chunk_tokens"])
-        # Half inputs: on CUDA the GEMMs take them as they are (fp32 output / accumulation);
-        # elsewhere the weight is upcast once (CPU has no fp32-output half GEMM).
-        native = weight.dtype == torch.float32 or dev.type == "cuda"
-        wf = weight if native else weight.float()
-        row_block = _ROW_BLOCK if dev.type == "cpu" else max(1, hidden.shape[0])
-        scratch = torch.empty(max_tok * vocab, dtype=torch.float32, device=dev)
-        pair_of_seq = torch.arange(2 * b, device=dev) % b
-        for p0, p1 in opts["chunks"]:
+        # Valid rows ordered by pair (stable), so each chunk's rows are one slice.
+        pair_of_row = (seq % b).masked_fill(~valid, b)
+        order = torch.sort(pair_of_row, stable=True).indices
+        bounds = torch.searchsorted(pair_of_row[order], torch.arange(b + 1, device=dev)).tolist()
+        for k, (p0, p1) in enumerate(opts["chunks"]):
             pairs = torch.arange(p0, p1, device=dev)
-            in_chunk = valid & (pair_of_seq[seq] >= p0) & (pair_of_seq[seq] < p1)
-            rows = in_chunk.nonzero().flatten()
-            h = hidden.index_select(0, rows)
-            h = h if native else h.float()
+            rows = order[bounds[p0]:bounds[p1]]
+            h = eng.prepare(hidden.index_select(0, rows))
             tgt = targets.index_select(0, rows)
             s_ids = seq.index_select(0, rows)
-            z = scratch[: rows.numel() * vocab].view(rows.numel(), vocab)
-            t = _logits(h, wf, bias, z, softcap, inv_t)
-            # Softmax, target log-prob, entropy and argmax hit, in row blocks that stay in
-            # cache (one DRAM pass over the chunk's logits instead of one per op).
-            n_c = rows.numel()
-            tok_logp = torch.empty(n_c, dtype=torch.float32, device=dev)
-            ent = torch.empty(n_c, dtype=torch.float32, device=dev)
-            hit = torch.empty(n_c, dtype=torch.bool, device=dev)
-            for r in range(0, n_c, row_block):
-                blk = z[r:r + row_block]
-                blk -= blk.amax(dim=1, keepdim=True)
-                zt = blk.gather(1, tgt[r:r + row_block, None])[:, 0]  # z[y] - max
-                e = blk.exp()
-                s_ = e.sum(dim=1)
-                log_s = s_.log()
-                ent[r:r + row_block] = log_s - torch.linalg.vecdot(e, blk) / s_
-                tok_logp[r:r + row_block] = zt - log_s
-                hit[r:r + row_block] = zt == 0
-                torch.div(e, s_[:, None], out=blk)  # p
+            tok_logp, ent, hit = eng.forward(h, tgt)
             # Per-pair loss on this chunk's sequences, and dL/d(sequence logp) per pair.
             seq_ids = torch.cat([pairs, pairs + b])
             sl = torch.zeros(2 * b, dtype=torch.float64, device=dev).index_add(
@@ -143,22 +254,9 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             g_seq = torch.zeros(2 * b, dtype=torch.float32, device=dev)
             g_seq[seq_ids] = torch.cat([gc, gr]).float() / b
             g = g_seq.index_select(0, s_ids)
-            # dz = g (onehot - p), through temperature and softcap; in place, in row blocks.
-            for r in range(0, n_c, row_block):
-                blk = z[r:r + row_block]
-                gb = g[r:r + row_block, None]
-                blk *= -gb * inv_t if inv_t != 1.0 else -gb
-                blk.scatter_add_(1, tgt[r:r + row_block, None], gb * inv_t)
-                if t is not None:
-                    tb = t[r:r + row_block]
-                    blk *= 1.0 - tb * tb
-            zg = z if h.dtype == torch.float32 else z.to(h.dtype)  # GEMM operand, as autograd
-            dh_rows = torch.empty(n_c, d, dtype=torch.float32, device=dev)
-            _gemm_f32(zg, wf, dh_rows)
+            dh_rows = torch.empty(rows.numel(), d, dtype=torch.float32, device=dev)
+            eng.backward(h, tgt, g, dh_rows, dw, db, k == 0)
             dh.index_copy_(0, rows, dh_rows)
-            _gemm_f32(zg.T, h, dw, accumulate=True)
-            if db is not None:
-                db += z.sum(dim=0)
             seq_logps.index_add_(0, s_ids, tok_logp.double())
             ent_sum.index_add_(0, s_ids, ent.double())
             hit_sum.index_add_(0, s_ids, hit.double())
@@ -186,14 +284,16 @@ def scratch_preference_loss(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
     b: int, ref: Optional[Tensor], lengths: Tensor, *,
     ignore_index: int, softcap: Optional[float], inv_temperature: float,
-    chunks: Sequence[Tuple[int, int]], loss_kwargs: Dict,
+    chunks: Sequence[Tuple[int, int]], loss_kwargs: Dict, engine: str = "torch",
+    budget: int = 0,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Runs :class:`ScratchPreferenceLoss`; returns (loss [], stats dict)."""
+    """Runs :class:`ScratchPreferenceLoss` with the ``engine`` ("torch" or "cpu", the C++
+    ops) and a scratch of ``budget`` bytes; returns (loss [], stats dict)."""
     stats: Dict[str, Tensor] = {}
     tok = (lengths[:b] + lengths[b:]).tolist()
     opts = dict(targets=targets, seq=seq, b=b, ref=ref, ignore_index=ignore_index,
                 softcap=softcap, inv_temperature=inv_temperature, chunks=list(chunks),
                 chunk_tokens=[sum(tok[p0:p1]) for p0, p1 in chunks], lengths=lengths,
-                loss_kwargs=loss_kwargs, stats=stats)
+                loss_kwargs=loss_kwargs, stats=stats, engine=engine, budget=budget)
     loss = ScratchPreferenceLoss.apply(hidden, weight, bias, opts)
     return loss, stats

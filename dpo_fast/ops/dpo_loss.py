@@ -25,10 +25,16 @@ import torch
 from torch import Tensor
 
 from ..losses import PreferenceLossOutput, preference_loss
-from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
+from ..kernels.dpo_scratch import (PAIR_SEPARABLE, pair_chunks, pair_chunks_partial,
+                                    scratch_preference_loss)
 from .logprobs import TRITON_IMPLS, _backend, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
+
+# max_scratch_bytes="auto" on the C++ CPU backend: logits kept per chunk of pairs so that the
+# backward recomputes fewer vocabulary tiles. Fixed (independent of batch, length and
+# vocabulary), so memory stays O(N D) + this; see docs/design.md for the measured trade-off.
+DEFAULT_CPU_SCRATCH_BYTES = 40 << 20
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,7 @@ def fused_preference_loss(
     ignore_index: int = -100,
     num_pairs: Optional[int] = None,
     empty_sequences: str = "error",
-    max_scratch_bytes: Optional[int] = None,
+    max_scratch_bytes: Union[int, str, None] = "auto",
     impl: str = "auto",
     **type_specific,
 ) -> FusedPreferenceOutput:
@@ -273,11 +279,17 @@ def fused_preference_loss(
         empty_sequences: what a sequence with zero response tokens does: "error" (default,
             ValueError naming the pairs) or "drop" (its pair leaves the loss; counted in
             ``num_dropped``).
-        max_scratch_bytes: if set, chunks of whole pairs whose [tokens, V] fp32 logits fit in
-            this many bytes have their gradient formed during the forward (3 GEMMs instead
-            of 4; :mod:`dpo_fast.kernels.dpo_scratch`). Needs a per-pair loss type (not
-            aot / aot_unpaired) and no dropped pair; otherwise the memory-flat path runs.
-            The softcap doubles the scratch. None (default): memory-flat, O(N + tile).
+        max_scratch_bytes: bytes of fp32 logits that may be kept between the forward and
+            the backward of a chunk of whole pairs, whose gradient is then formed during the
+            forward (:mod:`dpo_fast.kernels.dpo_scratch`). Each kept logit saves its
+            recompute: 4 GEMMs with nothing kept, 3 when a chunk's [tokens, V] logits fit.
+            The C++ backend (``impl="cpu"``) keeps part of a chunk's logits when they do not
+            all fit; the torch backend needs a whole pair to fit (its softcap doubles the
+            scratch). Needs a per-pair loss type (not aot / aot_unpaired) and no dropped
+            pair; otherwise, and with None, the memory-flat path runs (O(N + tile) memory,
+            one custom op that ``torch.compile`` traces). "auto" (default):
+            ``DEFAULT_CPU_SCRATCH_BYTES`` (40 MiB) on the C++ backend when not compiling,
+            else None.
 
     Returns:
         :class:`FusedPreferenceOutput`.
@@ -313,14 +325,27 @@ def fused_preference_loss(
             raise ValueError("every pair has an empty sequence; nothing to train on")
     cap = None if softcap is None else float(softcap)
 
+    if isinstance(max_scratch_bytes, str):
+        if max_scratch_bytes != "auto":
+            raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
+                             f"{max_scratch_bytes!r}")
+        max_scratch_bytes = (DEFAULT_CPU_SCRATCH_BYTES
+                             if name == "cpu" and not torch.compiler.is_compiling() else None)
     if max_scratch_bytes is not None:
-        if not (isinstance(max_scratch_bytes, int) and max_scratch_bytes > 0):
-            raise ValueError(f"max_scratch_bytes must be a positive int, got "
+        if not (isinstance(max_scratch_bytes, int) and not isinstance(max_scratch_bytes, bool)
+                and max_scratch_bytes > 0):
+            raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
                              f"{max_scratch_bytes!r}")
         types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
         chunks = []
-        if not bool(empty.any()) and all(t in PAIR_SEPARABLE for t in types):
-            chunks = pair_chunks(lengths, b, weight.shape[0], max_scratch_bytes)
+        # Forming the gradient in the forward only pays when a gradient is wanted.
+        wants_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (hidden, weight, bias))
+        if wants_grad and not bool(empty.any()) and all(t in PAIR_SEPARABLE for t in types):
+            if name == "cpu":
+                chunks = pair_chunks_partial(lengths, b, weight.shape[0], max_scratch_bytes)
+            else:
+                chunks = pair_chunks(lengths, b, weight.shape[0], max_scratch_bytes)
         if chunks:
             ref = ref_logps.to(device=dev, dtype=torch.float32) if ref_logps is not None else None
             loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
@@ -328,7 +353,8 @@ def fused_preference_loss(
             loss, st = scratch_preference_loss(
                 h2, w, bias, targets, seq, b, ref, lengths, ignore_index=ignore_index,
                 softcap=cap, inv_temperature=1.0 / float(temperature), chunks=chunks,
-                loss_kwargs=loss_kwargs)
+                loss_kwargs=loss_kwargs, engine="cpu" if name == "cpu" else "torch",
+                budget=max_scratch_bytes)
             rc_, rr_ = st["chosen_rewards"], st["rejected_rewards"]
             pref = PreferenceLossOutput(
                 loss=loss, losses=st["losses"], terms=(st["losses"],), chosen_rewards=rc_,
