@@ -333,19 +333,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
   return {logp, row_max, ent, log_sum};
 }
 
-// Accumulate mode (the chunk op): dh_out [N, D] fp32 gets the valid rows written, dw_out
-// [V, D] and db_out [V] fp32 are added to (overwritten when `overwrite`: their old contents
-// are ignored); otherwise fresh dh / dW / db are returned.
+// Accumulate mode (`acc`, the chunk op): dh_out [N, D] fp32 gets the valid rows written,
+// dw_out [V, D] and db_out [V] fp32 are added to (overwritten when `overwrite`: their old
+// contents are ignored); otherwise fresh dh / dW / db are returned. Without need_dh /
+// need_dw (a frozen input) that gradient's GEMM is not run and an empty tensor stands for it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, const at::Tensor& row_max_in, const at::Tensor& log_sum_in,
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
     int64_t ignore_index, std::optional<double> softcap, double inv_temperature,
-    const std::optional<at::Tensor>& store, const at::Tensor& dh_out, const at::Tensor& dw_out,
-    const at::Tensor& db_out, bool overwrite) {
+    const std::optional<at::Tensor>& store, bool acc_mode, const at::Tensor& dh_out,
+    const at::Tensor& dw_out, const at::Tensor& db_out, bool overwrite, bool need_dh,
+    bool need_dw) {
   check_inputs(hidden_in, weight_in, bias, targets_in);
-  const bool acc_mode = dw_out.defined();
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor targets = targets_in.contiguous();
@@ -382,21 +383,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
       return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
              t.is_contiguous() && t.sizes() == shape;
     };
-    TORCH_CHECK(ok(dh_out, {n, d}) && ok(dw_out, {vocab, d}) && (!bias || ok(db_out, {vocab})),
+    TORCH_CHECK((!need_dh || ok(dh_out, {n, d})) && (!need_dw || ok(dw_out, {vocab, d})) &&
+                    (!bias || ok(db_out, {vocab})),
                 "dpo_fast_cpu: accumulate mode needs contiguous fp32 dh [N, D], dW [V, D] "
                 "(and db [V] with a bias)");
   }
-  at::Tensor dh = acc_mode ? dh_out : at::zeros_like(hidden);
+  const at::Tensor none = at::empty({0}, f32);
+  at::Tensor dh = !need_dh ? none : acc_mode ? dh_out : at::zeros_like(hidden);
   at::Tensor db32 = !bias ? at::Tensor() : acc_mode ? db_out : at::zeros({vocab}, f32);
   auto finish_db = [&]() {
     return bias && !acc_mode ? db32.to(bias->scalar_type()) : at::empty({0}, f32);
   };
   if (acc_mode && overwrite) {
-    if (nv == 0) dw_out.zero_();
+    if (nv == 0 && need_dw) dw_out.zero_();
     if (bias) db_out.zero_();  // add_row accumulates into it
   }
   if (nv == 0 || vocab == 0)
-    return {dh, acc_mode ? dw_out : at::zeros_like(weight), finish_db()};
+    return {dh, !need_dw ? none : acc_mode ? dw_out : at::zeros_like(weight), finish_db()};
 
   // Per live row: target, row max, log-sum, entropy, coef = g_lp - g_lse, g_ent, g_lp.
   const int64_t* tgt_all = targets.const_data_ptr<int64_t>();
@@ -431,18 +434,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
   // fp16/bf16: dW must accumulate in fp32 across token blocks. Either one block (each group
   // finishes its dW tiles in a [Vc, D] fp32 buffer; scratch grows with nv) or an fp32 [V, D]
   // accumulator, as the twin has: whichever needs less memory.
-  if (!acc_mode && !w_f32 && tb < nv && double(nv) * row_bytes <= double(vocab) * d * 4.0)
+  if (need_dw && !acc_mode && !w_f32 && tb < nv &&
+      double(nv) * row_bytes <= double(vocab) * d * 4.0)
     tb = nv;
-  const bool dw_full_f32 = acc_mode || (!w_f32 && tb < nv);
+  const bool dw_full_f32 = need_dw && (acc_mode || (!w_f32 && tb < nv));
 
-  at::Tensor dw = acc_mode ? dw_out : w_f32 ? at::empty({vocab, d}, f32) : at::empty_like(weight);
+  at::Tensor dw = !need_dw ? none
+                  : acc_mode ? dw_out
+                  : w_f32    ? at::empty({vocab, d}, f32)
+                             : at::empty_like(weight);
   at::Tensor dw_acc = acc_mode ? dw_out : dw_full_f32 ? at::empty({vocab, d}, f32) : at::Tensor();
   at::Tensor hbuf = at::empty({direct ? 0 : tb * d}, f32);
   at::Tensor zbuf = at::empty({groups * chunk * vp.vc}, f32);
   at::Tensor wbuf = at::empty({w_f32 ? 0 : groups * vp.vc * d}, f32);
-  at::Tensor dwbuf = at::empty({(w_f32 || dw_full_f32) ? 0 : groups * vp.vc * d}, f32);
+  at::Tensor dwbuf = at::empty({(!need_dw || w_f32 || dw_full_f32) ? 0 : groups * vp.vc * d}, f32);
   const StorePlan sp = plan_store(store, vp, nv);
-  at::Tensor dhbuf = at::empty({groups * tb * d}, f32);
+  at::Tensor dhbuf = at::empty({need_dh ? groups * tb * d : 0}, f32);
   std::vector<char> group_used(groups);
   for (int g = 0; g < groups; ++g) group_used[g] = vp.tile_end(g) > vp.tile_begin(g);
 
@@ -456,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
       const int nth = omp_get_num_threads();
       for (int g = omp_get_thread_num(); g < groups; g += nth) {
         float* z = zbuf.data_ptr<float>() + int64_t(g) * chunk * vp.vc;
-        float* dh_g = dhbuf.data_ptr<float>() + int64_t(g) * tb * d;
+        float* dh_g = need_dh ? dhbuf.data_ptr<float>() + int64_t(g) * tb * d : nullptr;
         for (int64_t j = vp.tile_begin(g); j < vp.tile_end(g); ++j) {
           const int64_t v0 = j * vp.vc, w = std::min(vp.vc, vocab - v0);
           const float* wt;
@@ -467,9 +474,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
             fview(wb, w, d).copy_(weight.narrow(0, v0, w));
             wt = wb;
           }
-          float* dwt;  // fp32 [w, D] accumulator of this tile's dW
-          bool dw_fresh;
-          if (acc_mode) {
+          float* dwt = nullptr;  // fp32 [w, D] accumulator of this tile's dW
+          bool dw_fresh = false;
+          if (!need_dw) {
+          } else if (acc_mode) {
             dwt = dw_acc.data_ptr<float>() + v0 * d;
             dw_fresh = overwrite && b0 == 0;
           } else if (w_f32) {
@@ -518,14 +526,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
             if (db_p)
               for (int64_t r = 0; r < m; ++r) add_row(db_p + v0, z + r * w, w);
             // dh partial (first tile of the group overwrites), then this tile's dW.
-            gemm(fview(dh_g + c0 * d, m, d), z_t, wt_t, j != vp.tile_begin(g));
-            gemm(fview(dwt, w, d), z_t.t(), h_t, !(dw_fresh && c0 == 0));
+            if (need_dh) gemm(fview(dh_g + c0 * d, m, d), z_t, wt_t, j != vp.tile_begin(g));
+            if (need_dw) gemm(fview(dwt, w, d), z_t.t(), h_t, !(dw_fresh && c0 == 0));
           }
-          if (!w_f32 && !dw_full_f32) dw.narrow(0, v0, w).copy_(fview(dwt, w, d));
+          if (need_dw && !w_f32 && !dw_full_f32) dw.narrow(0, v0, w).copy_(fview(dwt, w, d));
         }
       }
 #pragma omp barrier
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "dh_reduce", [&] {
+      if (need_dh) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dh.scalar_type(), "dh_reduce", [&] {
         scalar_t* dh_p = dh.data_ptr<scalar_t>();
         const float* part = dhbuf.const_data_ptr<float>();
         _Pragma("omp for schedule(static)")
@@ -558,14 +566,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
     const at::Tensor& targets, const at::Tensor& row_max, const at::Tensor& log_sum,
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logp,
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
-    int64_t ignore_index, std::optional<double> softcap, double inv_temperature) {
+    int64_t ignore_index, std::optional<double> softcap, double inv_temperature, bool need_dh,
+    bool need_dw) {
   return bwd_core(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
-                  grad_entropy, ignore_index, softcap, inv_temperature, std::nullopt,
-                  at::Tensor(), at::Tensor(), at::Tensor(), false);
+                  grad_entropy, ignore_index, softcap, inv_temperature, std::nullopt, false,
+                  at::Tensor(), at::Tensor(), at::Tensor(), false, need_dh, need_dw);
 }
 
 // The chunk ops: forward with the first tiles' logits kept in `store` (entropy always), and
-// the matching backward from grad_logp that writes dh rows and adds into dw / db.
+// the matching backward from grad_logp that writes dh rows and adds into dw / db (dh or dw
+// None: not computed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t ignore_index, std::optional<double> softcap,
@@ -578,12 +588,15 @@ void chunk_bwd(const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& grad_logp,
                int64_t ignore_index, std::optional<double> softcap, double inv_temperature,
-               const at::Tensor& store, at::Tensor dh, at::Tensor dw,
-               const std::optional<at::Tensor>& db, bool overwrite) {
+               const at::Tensor& store, const std::optional<at::Tensor>& dh,
+               const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db,
+               bool overwrite) {
   TORCH_CHECK(!bias || (db && db->defined()), "dpo_fast_cpu: chunk_bwd with a bias needs db");
+  const bool need_dh = dh && dh->defined(), need_dw = dw && dw->defined();
   bwd_core(hidden, weight, bias, targets, row_max, log_sum, std::nullopt, grad_logp,
-           std::nullopt, std::nullopt, ignore_index, softcap, inv_temperature, store, dh, dw,
-           db ? *db : at::Tensor(), overwrite);
+           std::nullopt, std::nullopt, ignore_index, softcap, inv_temperature, store, true,
+           need_dh ? *dh : at::Tensor(), need_dw ? *dw : at::Tensor(), db ? *db : at::Tensor(),
+           overwrite, need_dh, need_dw);
 }
 
 // What a store of `budget_floats` floats keeps for an [n_rows] chunk at vocabulary size
@@ -608,14 +621,15 @@ TORCH_LIBRARY(dpo_fast_cpu, m) {
   m.def(
       "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
       "Tensor log_sum, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "
-      "int ignore_index, float? softcap, float inv_temperature) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float? softcap, float inv_temperature, bool need_dh=True, "
+      "bool need_dw=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "chunk_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
       "float? softcap, float inv_temperature, Tensor(a!) store) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "chunk_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
       "Tensor log_sum, Tensor grad_logp, int ignore_index, float? softcap, float inv_temperature, "
-      "Tensor store, Tensor(a!) dh, Tensor(b!) dw, Tensor(c!)? db, bool overwrite) -> ()");
+      "Tensor store, Tensor(a!)? dh, Tensor(b!)? dw, Tensor(c!)? db, bool overwrite) -> ()");
   m.def("store_plan(int n_rows, int vocab, int budget_floats) -> int[]", &store_plan);
 }
 

@@ -264,3 +264,30 @@ def test_chunk_bwd_overwrite_ignores_old_contents():
         outs.append((dh, dw, db))
     for x, y in zip(*outs):
         assert torch.equal(x, y)
+
+
+def test_need_flags_skip_one_gradient_and_keep_the_other_bitwise():
+    # logprobs_bwd(need_dh / need_dw) and chunk_bwd(dh / dw = None): the skipped gradient
+    # comes back empty (its GEMM never ran); the other is the full run's, bit for bit.
+    h, w, b, t = _make(700, 96, 3000, torch.float32, bias=True, seed=6)
+    g = _upstream(700, lse=False, entropy=False)["logp"]
+    ops = torch.ops.dpo_fast_cpu
+    _, row_max, _, log_sum = ops.logprobs_fwd(h, w, b, t, IGNORE, 30.0, 1.0, False)
+    args = (h, w, b, t, row_max, log_sum, None, g, None, None, IGNORE, 30.0, 1.0)
+    full = ops.logprobs_bwd(*args)
+    no_dw = ops.logprobs_bwd(*args, need_dw=False)
+    no_dh = ops.logprobs_bwd(*args, need_dh=False)
+    assert no_dw[1].numel() == 0 and no_dh[0].numel() == 0
+    assert torch.equal(no_dw[0], full[0]) and torch.equal(no_dh[1], full[1])
+    assert torch.equal(no_dw[2], full[2]) and torch.equal(no_dh[2], full[2])
+    store = torch.empty(0)
+    outs = []
+    for want_dh, want_dw in ((True, True), (True, False), (False, True)):
+        dh = torch.zeros(700, 96) if want_dh else None
+        dw = torch.zeros(3000, 96) if want_dw else None
+        db = torch.zeros(3000)
+        ops.chunk_bwd(h, w, b, t, row_max, log_sum, g, IGNORE, 30.0, 1.0, store, dh, dw, db,
+                      False)
+        outs.append((dh, dw, db))
+    assert torch.equal(outs[1][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
+    assert torch.equal(outs[1][2], outs[0][2]) and torch.equal(outs[2][2], outs[0][2])

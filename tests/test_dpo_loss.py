@@ -353,3 +353,40 @@ def test_cpu_default_budget_and_its_fallbacks(monkeypatch):
     with pytest.raises(ValueError, match="max_scratch_bytes"):
         dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu",
                                        max_scratch_bytes="big")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
+    # LoRA-style: the LM head is frozen. No dW is formed (the scratch engines get dw=None,
+    # the memory-flat backends need_dw=False) and d_hidden still meets the oracle.
+    from dpo_fast.ops import logprobs as ops_logprobs
+
+    batch = _packed_batch(2, 64, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                          bias=True)
+    truth = unfused(batch, torch.float64)
+    same = unfused(batch, torch.float32)
+    seen = []
+    for cls in (dpo_scratch._TorchChunks, dpo_scratch._CppChunks):
+        orig_bwd = cls.backward
+
+        def spy_engine(self, h, tgt, g, dh_rows, dw, db, first, _orig=orig_bwd):
+            seen.append(("engine", dw is None))
+            return _orig(self, h, tgt, g, dh_rows, dw, db, first)
+        monkeypatch.setattr(cls, "backward", spy_engine)
+    name = "cpu" if impl == "cpu-flat" else impl
+    backend = ops_logprobs._backend(name)
+    orig = backend.logprobs_backward
+
+    def spy(*args, **kwargs):
+        seen.append(("flat", kwargs.get("need_dw", True) is False))
+        return orig(*args, **kwargs)
+    monkeypatch.setattr(backend, "logprobs_backward", spy)
+    kw = dict(max_scratch_bytes=None) if impl == "cpu-flat" else {}
+    h = batch["hidden"].clone().requires_grad_()
+    w = batch["weight"].clone()
+    out = dpo_fast.fused_preference_loss(h, w, batch["targets"], batch["seq_index"],
+                                         batch["ref_logps"], bias=batch["bias"], impl=name, **kw)
+    out.loss.backward()
+    assert seen and all(skipped for _, skipped in seen), seen
+    assert w.grad is None
+    _assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], torch.float32)

@@ -239,3 +239,41 @@ def test_torch_compile_fullgraph_matches_eager(impl):
     comp.backward()
     assert torch.equal(eager, comp)
     assert torch.equal(h1.grad, h2.grad)
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gets_no_gradient_gemm(impl, frozen, monkeypatch):
+    # A frozen LM head (LoRA) or frozen hidden states: the backend is told, skips that GEMM
+    # (returns None for it), and the other gradients still meet the oracle.
+    from dpo_fast.ops import logprobs as ops_logprobs
+
+    hidden, weight, bias, targets = _make((150,), 64, 1003, torch.float32, bias=True, seed=9)
+    ups = {"logp": torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))}
+    truth = naive_logprobs(hidden, weight, targets, bias, grads=ups)
+    same = naive_logprobs(hidden, weight, targets, bias, dtype=torch.float32, grads=ups)
+    backend = ops_logprobs._backend(impl)
+    calls = []
+    orig = backend.logprobs_backward
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        calls.append((kwargs.get("need_dh", True), kwargs.get("need_dw", True), out))
+        return out
+
+    monkeypatch.setattr(backend, "logprobs_backward", spy)
+    h = hidden.clone().requires_grad_(frozen != "hidden")
+    w = weight.clone().requires_grad_(frozen != "weight")
+    b = bias.clone().requires_grad_()
+    logp = dpo_fast.linear_logprobs(h, w, targets, bias=b, impl=impl)
+    (logp * ups["logp"]).sum().backward()
+    (need_dh, need_dw, (dh, dw, db)), = calls
+    if frozen == "weight":
+        assert need_dh and not need_dw and dw is None and w.grad is None
+        assert_close_to_truth("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"],
+                              torch.float32)
+    else:
+        assert need_dw and not need_dh and dh is None and h.grad is None
+        assert_close_to_truth("d_weight", w.grad, same["d_weight"], truth["d_weight"],
+                              torch.float32)
+    assert_close_to_truth("d_bias", b.grad, same["d_bias"], truth["d_bias"], torch.float32)

@@ -102,7 +102,8 @@ def cpp_store_plan(n_rows: int, vocab: int, budget_bytes: int) -> Tuple[int, int
 class _TorchChunks:
     """Whole-chunk scratch in torch ops: forward(h, tgt) -> (logp, ent, hit) per row, then
     backward(h, tgt, g, dh_rows, dw, db, first) adds the chunk's grads (dw / db in place;
-    on the first chunk ``overwrites`` engines ignore their old contents)."""
+    on the first chunk ``overwrites`` engines ignore their old contents; dh_rows / dw None:
+    a frozen input, not computed)."""
 
     overwrites = False
 
@@ -156,8 +157,10 @@ class _TorchChunks:
                 tb = t[r:r + rb]
                 blk *= 1.0 - tb * tb
         zg = z if h.dtype == torch.float32 else z.to(h.dtype)  # GEMM operand, as autograd
-        _gemm_f32(zg, self.wf, dh_rows)
-        _gemm_f32(zg.T, h, dw, accumulate=True)
+        if dh_rows is not None:
+            _gemm_f32(zg, self.wf, dh_rows)
+        if dw is not None:
+            _gemm_f32(zg.T, h, dw, accumulate=True)
         if db is not None:
             db += z.sum(dim=0)
         self.z = self.t = None
@@ -215,9 +218,11 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         max_rows = max(opts["chunk_tokens"])
         args = (weight, bias, opts["softcap"], opts["inv_temperature"], max_rows, opts["budget"])
         eng = _CppChunks(*args, ig) if opts["engine"] == "cpu" else _TorchChunks(*args)
-        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
+        # A frozen input (e.g. the LM head under LoRA) gets no GEMM and no buffer.
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_dh else None
         new = torch.empty if eng.overwrites else torch.zeros  # dW: a weight-sized memset saved
-        dw = new(vocab, d, dtype=torch.float32, device=dev)
+        dw = new(vocab, d, dtype=torch.float32, device=dev) if need_dw else None
         db = new(vocab, dtype=torch.float32, device=dev) if bias is not None else None
         seq_logps = torch.zeros(2 * b, dtype=torch.float64, device=dev)
         ent_sum = torch.zeros(2 * b, dtype=torch.float64, device=dev)
@@ -254,9 +259,11 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             g_seq = torch.zeros(2 * b, dtype=torch.float32, device=dev)
             g_seq[seq_ids] = torch.cat([gc, gr]).float() / b
             g = g_seq.index_select(0, s_ids)
-            dh_rows = torch.empty(rows.numel(), d, dtype=torch.float32, device=dev)
+            dh_rows = (torch.empty(rows.numel(), d, dtype=torch.float32, device=dev)
+                       if need_dh else None)
             eng.backward(h, tgt, g, dh_rows, dw, db, k == 0)
-            dh.index_copy_(0, rows, dh_rows)
+            if need_dh:
+                dh.index_copy_(0, rows, dh_rows)
             seq_logps.index_add_(0, s_ids, tok_logp.double())
             ent_sum.index_add_(0, s_ids, ent.double())
             hit_sum.index_add_(0, s_ids, hit.double())
@@ -264,20 +271,23 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         stats.update(seq_logps=seq_logps.float(), ent_sum=ent_sum, hit_sum=hit_sum,
                      losses=torch.cat(losses), chosen_rewards=torch.cat(rew_c),
                      rejected_rewards=torch.cat(rew_r))
-        ctx.save_for_backward(dh, dw, db if db is not None else dw.new_empty(0))
+        ctx.grads = (dh, dw, db)  # plain attributes: they are outputs of no graph
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return stats["losses"].sum() / b
 
     @staticmethod
     def backward(ctx, g):
-        dh, dw, db = ctx.saved_tensors
-        hd, wd, bd = ctx.dtypes
-        # In place: these buffers belong to this node alone, and a copy would be weight-sized.
-        if not bool(g == 1):
-            dh.mul_(g)
-            dw.mul_(g)
-            db.mul_(g)
-        return dh.to(hd), dw.to(wd), (db.to(bd) if bd is not None else None), None
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for x, dt in zip(grads, ctx.dtypes):
+            if x is None:
+                out.append(None)
+                continue
+            # In place: these buffers belong to this node alone, and a copy would be weight-sized.
+            if not bool(g == 1):
+                x.mul_(g)
+            out.append(x.to(dt))
+        return (*out, None)
 
 
 def scratch_preference_loss(

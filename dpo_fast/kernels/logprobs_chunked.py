@@ -269,8 +269,11 @@ def logprobs_backward(
     seq_grad: Optional[Tensor] = None,
     chunk_bytes: Optional[int] = None,
     min_cols: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward: recomputes each chunk's logits and forms dz there (see module docstring).
+    ``need_dh`` / ``need_dw`` False: that GEMM is skipped and None returned.
 
     Args as ``logprobs_triton.logprobs_backward`` (row_max, log_sum, entropy: [N] fp32 from
     the forward; grad_*: [N] fp32 or None; ``seq_index`` [N] / ``seq_grad`` [S]: per-sequence
@@ -283,7 +286,7 @@ def logprobs_backward(
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    dw = torch.zeros_like(weight)
+    dw = torch.zeros_like(weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
     use_seq = seq_grad is not None or seq_index is not None
     use_ent = grad_entropy is not None
@@ -308,7 +311,7 @@ def logprobs_backward(
         sids = seqg = None
     r = rows.numel()
     if r == 0 or vocab == 0:
-        return (torch.zeros_like(hidden), dw,
+        return (torch.zeros_like(hidden) if need_dh else None, dw,
                 db.to(bias.dtype) if db is not None else None)
     all_rows = r == n
     pick = (lambda x: x.contiguous()) if all_rows else (lambda x: x.index_select(0, rows))
@@ -318,7 +321,7 @@ def logprobs_backward(
     logs = pick(log_sum.float())
     ge = pick(grad_entropy.float()) if use_ent else rmax
     he = pick(entropy.float()) if use_ent else rmax
-    dh = torch.zeros(r, d, dtype=torch.float32, device=dev)
+    dh = torch.zeros(r, d, dtype=torch.float32, device=dev) if need_dh else None
     cols = chunk_columns(r, vocab, hidden.element_size(), chunk_bytes, min_cols)
     zbuf = torch.empty(r * cols, dtype=torch.float32, device=dev)
     half = hidden.dtype != torch.float32
@@ -338,15 +341,20 @@ def logprobs_backward(
             glp if glp is not None else rmax, coef if coef is not None else rmax, ge,
             sids if sids is not None else tv, seqg if seqg is not None else rmax,
             r, c, v0, cap, float(inv_temperature), **flags, **opts, UPCAST=_interpreting())
-        _gemm_f32(dz, w_c, dh, accumulate=True)
-        if half and not dz.is_cuda:
+        if need_dh:
+            _gemm_f32(dz, w_c, dh, accumulate=True)
+        if not need_dw:
+            pass
+        elif half and not dz.is_cuda:
             dw[v0:v0 + c] = torch.mm(dz.t().float(), hv.float()).to(weight.dtype)
         else:
             torch.mm(dz.t(), hv, out=dw[v0:v0 + c])
         if db is not None:
             db[v0:v0 + c] = dz.sum(0, dtype=torch.float32)
     del zbuf, dzbuf
-    if all_rows:
+    if not need_dh:
+        grad_hidden = None
+    elif all_rows:
         grad_hidden = dh.to(hidden.dtype)
     else:
         grad_hidden = torch.zeros_like(hidden)

@@ -52,10 +52,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dpo_fast_cpu::logprobs_bwd")
     def _bwd_fake(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
-                  grad_entropy, ignore_index, softcap, inv_temperature):
-        db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(
-            0, dtype=torch.float32)
-        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
+                  grad_entropy, ignore_index, softcap, inv_temperature, need_dh=True,
+                  need_dw=True):
+        none = hidden.new_empty(0, dtype=torch.float32)
+        db = bias.new_empty(bias.shape) if bias is not None else none
+        return (hidden.new_empty(hidden.shape) if need_dh else none,
+                weight.new_empty(weight.shape) if need_dw else none, db)
 
 
 def _load() -> bool:
@@ -131,15 +133,19 @@ def logprobs_backward(
     ignore_index: int,
     softcap: Optional[float],
     inv_temperature: float,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the fused op (recomputes logits tile by tile); see the twin.
 
-    Returns grad_hidden [N, D], grad_weight [V, D] (input dtypes), grad_bias [V] or None.
+    Returns grad_hidden [N, D], grad_weight [V, D] (input dtypes; None when not
+    ``need_dh`` / ``need_dw``: that GEMM is skipped), grad_bias [V] or None.
     """
     if not _load():
         raise RuntimeError(f"dpo_fast C++ CPU kernel unavailable: {_state['error']}")
     dh, dw, db = torch.ops.dpo_fast_cpu.logprobs_bwd(
         hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse, grad_entropy,
         int(ignore_index), None if softcap is None else float(softcap), float(inv_temperature),
+        bool(need_dh), bool(need_dw),
     )
-    return dh, dw, (db if bias is not None else None)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if bias is not None else None)

@@ -140,22 +140,26 @@ def logprobs_backward(
     ignore_index: int,
     softcap: Optional[float],
     inv_temperature: float,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the fused op: recomputes logits tile by tile.
 
     Args:
         row_max, log_sum, entropy: [N] fp32 from the forward (entropy only with
             grad_entropy).
         grad_logp, grad_lse, grad_entropy: [N] fp32 upstream grads, or None for zero.
+        need_dh, need_dw: False for a frozen input: its GEMM is skipped and None returned
+            (e.g. a frozen LM head under LoRA saves the dW GEMM and its [V, D] buffer).
     Returns:
-        grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
-        grad_bias [V] (bias.dtype) or None.
+        grad_hidden [N, D] (hidden.dtype) or None, grad_weight [V, D] (weight.dtype) or
+        None, grad_bias [V] (bias.dtype) or None.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros(n, d, dtype=torch.float32, device=dev)
-    dw = torch.zeros(vocab, d, dtype=torch.float32, device=dev)
+    dh = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(vocab, d, dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
     zero = torch.zeros(n, dtype=torch.float32, device=dev)
     g_lp = grad_logp.float() if grad_logp is not None else zero
@@ -176,7 +180,7 @@ def logprobs_backward(
         if use_ent:
             ge = grad_entropy.float().index_select(0, idx)[:, None]
             he = entropy.index_select(0, idx)[:, None]
-        dh_c = torch.zeros(idx.numel(), d, dtype=torch.float32, device=dev)
+        dh_c = torch.zeros(idx.numel(), d, dtype=torch.float32, device=dev) if need_dh else None
         for v0 in range(0, vocab, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, vocab)
             z, t = _logits_tile(h, weight, bias, v0, v1, softcap, inv_temperature)
@@ -197,13 +201,16 @@ def logprobs_backward(
                 dz.mul_(inv_temperature)
             if t is not None:
                 dz.mul_(t.mul_(t).neg_().add_(1.0))
-            dh_c.addmm_(dz, weight[v0:v1].float())
-            dw[v0:v1].addmm_(dz.T, h)
+            if need_dh:
+                dh_c.addmm_(dz, weight[v0:v1].float())
+            if need_dw:
+                dw[v0:v1].addmm_(dz.T, h)
             if db is not None:
                 db[v0:v1] += dz.sum(dim=0)
-        dh.index_copy_(0, idx, dh_c)
+        if need_dh:
+            dh.index_copy_(0, idx, dh_c)
     return (
-        dh.to(hidden.dtype),
-        dw.to(weight.dtype),
+        dh.to(hidden.dtype) if need_dh else None,
+        dw.to(weight.dtype) if need_dw else None,
         db.to(bias.dtype) if db is not None else None,
     )

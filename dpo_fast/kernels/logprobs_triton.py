@@ -560,8 +560,12 @@ def logprobs_backward(
     grad_filter_eps: Optional[float] = None,
     seq_index: Optional[Tensor] = None,
     seq_grad: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Backward of the fused op (Triton): recomputes logits tile by tile.
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Backward of the fused op (Triton): recomputes logits tile by tile. ``need_dh`` /
+    ``need_dw`` False: that kernel is not launched (db still is, with a bias) and None is
+    returned for it.
 
     Args:
         row_max, log_sum, entropy: [N] fp32 from the forward (entropy only with
@@ -593,7 +597,8 @@ def logprobs_backward(
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None else None
 
     def _out():
-        return (dh.to(hidden.dtype), dw.to(weight.dtype),
+        return (dh.to(hidden.dtype) if need_dh else None,
+                dw.to(weight.dtype) if need_dw else None,
                 db.to(bias.dtype) if db is not None else None)
 
     use_seq = seq_grad is not None or seq_index is not None
@@ -639,9 +644,11 @@ def logprobs_backward(
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_GENT=use_ent,
                  FILTER=filt, SEQ_GRAD=use_seq)
     sizes = (n_rows, vocab, d)
-    _launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
-            common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))
-    _launch("bwd_dw", lambda b: triton.cdiv(vocab, b["BLOCK_V"]),
-            common + (dw, db if db is not None else dw) + scalars, flags, sizes, hidden.dtype,
-            reset=("DW", "DB"))
+    if need_dh:
+        _launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
+                common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))
+    if need_dw or db is not None:
+        _launch("bwd_dw", lambda b: triton.cdiv(vocab, b["BLOCK_V"]),
+                common + (dw, db if db is not None else dw) + scalars, flags, sizes, hidden.dtype,
+                reset=("DW", "DB"))
     return _out()

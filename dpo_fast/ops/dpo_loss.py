@@ -27,7 +27,7 @@ from torch import Tensor
 from ..losses import PreferenceLossOutput, preference_loss
 from ..kernels.dpo_scratch import (PAIR_SEPARABLE, pair_chunks, pair_chunks_partial,
                                     scratch_preference_loss)
-from .logprobs import TRITON_IMPLS, _backend, prepare_inputs
+from .logprobs import TRITON_IMPLS, _backend, fake_grads, grads_or_empty, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
 
@@ -160,10 +160,11 @@ def _(hidden, weight, bias, targets, seq, num_seqs, ignore_index, softcap, inv_t
 def _seq_bwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
     row_max: Tensor, log_sum: Tensor, seq_grad: Tensor, ignore_index: int,
-    softcap: Optional[float], inv_temperature: float, impl: str,
+    softcap: Optional[float], inv_temperature: float, impl: str, need_dh: bool, need_dw: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     backend = _backend(impl)
-    kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature)
+    kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
+              need_dh=need_dh, need_dw=need_dw)
     g = seq_grad.float()
     if impl in TRITON_IMPLS:  # gather seq_grad[seq_index] per token inside their kernels
         dh, dw, db = backend.logprobs_backward(
@@ -173,14 +174,13 @@ def _seq_bwd(
         g_tok = g.index_select(0, seq) * (targets != ignore_index)
         dh, dw, db = backend.logprobs_backward(
             hidden, weight, bias, targets, row_max, log_sum, None, g_tok, None, None, **kw)
-    return dh, dw, (db if db is not None else hidden.new_empty((0,)))
+    return grads_or_empty(hidden, dh, dw, db)
 
 
 @_seq_bwd.register_fake
 def _(hidden, weight, bias, targets, seq, row_max, log_sum, seq_grad, ignore_index, softcap,
-      inv_temperature, impl):
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+      inv_temperature, impl, need_dh, need_dw):
+    return fake_grads(hidden, weight, bias, need_dh, need_dw)
 
 
 def _seq_setup(ctx, inputs, output):
@@ -196,7 +196,7 @@ def _seq_backward(ctx, g_seq, *_unused):
     if g_seq is None:
         return (None,) * 10
     dh, dw, db = _seq_bwd(hidden, weight, bias, targets, seq, row_max, log_sum, g_seq,
-                          *ctx.opts)
+                          *ctx.opts, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     return (dh if ctx.needs_input_grad[0] else None,
             dw if ctx.needs_input_grad[1] else None,
             db if bias is not None and ctx.needs_input_grad[2] else None,

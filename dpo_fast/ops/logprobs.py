@@ -169,21 +169,34 @@ def _bwd_op(
     softcap: Optional[float],
     inv_temperature: float,
     impl: str,
+    need_dh: bool,
+    need_dw: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dh, dw, db = _backend(impl).logprobs_backward(
         hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
         grad_entropy, ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
+        need_dh=need_dh, need_dw=need_dw,
     )
-    if db is None:
-        db = hidden.new_empty((0,))
-    return dh, dw, db
+    return grads_or_empty(hidden, dh, dw, db)
+
+
+def grads_or_empty(hidden: Tensor, *grads: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """A custom op returns tensors: an empty one stands for a gradient not computed."""
+    return tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
+
+
+def fake_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_dh: bool,
+               need_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Shapes of (dh, dW, db) for the fake implementations (empty when not computed)."""
+    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
+    return (torch.empty_like(hidden) if need_dh else hidden.new_empty((0,)),
+            torch.empty_like(weight) if need_dw else hidden.new_empty((0,)), db)
 
 
 @_bwd_op.register_fake
 def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse, grad_entropy,
-      ignore_index, softcap, inv_temperature, impl):
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+      ignore_index, softcap, inv_temperature, impl, need_dh, need_dw):
+    return fake_grads(hidden, weight, bias, need_dh, need_dw)
 
 
 def _setup_context(ctx, inputs, output):
@@ -199,9 +212,11 @@ def _backward(ctx, g_logp, g_lse, g_ent, _g_max, _g_log_sum):
     ignore_index, softcap, inv_temperature, with_entropy, impl = ctx.opts
     if not with_entropy:
         g_ent, ent = None, None
+    # A frozen input (e.g. the LM head under LoRA) gets no GEMM.
     dh, dw, db = _bwd_op(
         hidden, weight, bias, targets, row_max, log_sum, ent, g_logp, g_lse, g_ent,
-        ignore_index, softcap, inv_temperature, impl,
+        ignore_index, softcap, inv_temperature, impl, ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
     )
     return (
         dh if ctx.needs_input_grad[0] else None,
