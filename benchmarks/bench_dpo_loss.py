@@ -26,8 +26,10 @@ warm-up steps, then --reps timed steps), so a slow spell of this shared machine 
 method alike; the table gives the median over all timed steps and the largest extra-memory
 reading.
 
-Writes benchmarks/results/dpo_loss_<device>[_<dtype>]_p<prompt>.{json,md} (no dtype suffix
-for the CPU fp32 default).
+``--frozen-head`` freezes the LM head (as under LoRA): no method computes a weight gradient.
+
+Writes benchmarks/results/dpo_loss_<device>[_<dtype>]_p<prompt>[_frozen].{json,md} (no dtype
+suffix for the CPU fp32 default).
 
     python benchmarks/bench_dpo_loss.py [--prompt-len 0] [--rounds 3] [--reps 2] [--device cuda]
 """
@@ -105,14 +107,14 @@ def make_fn(method: str, b: int, device: str = "cpu"):
     raise ValueError(method)
 
 
-def worker(method, b, t, d, v, prompt, reps, device="cpu", dtype="float32"):
+def worker(method, b, t, d, v, prompt, reps, device="cpu", dtype="float32", frozen_head=False):
     harness.disable_thp()
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     if device == "cpu":
         torch.set_num_threads(2)
     hidden = torch.randn(2 * b, t, d, device=device).to(dt).requires_grad_()
-    weight = (torch.randn(v, d, device=device) / d**0.5).to(dt).requires_grad_()
+    weight = (torch.randn(v, d, device=device) / d**0.5).to(dt).requires_grad_(not frozen_head)
     targets = torch.randint(0, v, (2 * b, t), device=device)
     targets[:, :prompt] = -100
     ref = -torch.rand(2 * b, device=device) * 50 - 100
@@ -141,7 +143,8 @@ def worker(method, b, t, d, v, prompt, reps, device="cpu", dtype="float32"):
                 "extra_bytes": extra}
     t_all = harness.time_fn(step, reps)
     hidden.grad.fill_(1.0)
-    weight.grad.fill_(1.0)
+    if not frozen_head:
+        weight.grad.fill_(1.0)
     base = harness.rss_bytes()
     hidden.grad = weight.grad = None
     harness.reset_hwm()
@@ -182,17 +185,19 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--frozen-head", action="store_true",
+                    help="LM head frozen (as under LoRA): no weight gradient for any method")
     ap.add_argument("--worker", metavar="METHOD")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.pairs, a.seq, a.dim, a.vocab, a.prompt_len, a.reps,
-                                a.device, a.dtype)))
+                                a.device, a.dtype, a.frozen_head)))
         return
     peak = harness.peak_matmul_gflops(a.device, dtype=getattr(torch, a.dtype))
     print(f"peak {a.dtype} matmul: {peak:.1f} GFLOP/s", flush=True)
     shape = ["--pairs", str(a.pairs), "--seq", str(a.seq), "--dim", str(a.dim), "--vocab",
              str(a.vocab), "--prompt-len", str(a.prompt_len), "--reps", str(a.reps),
-             "--device", a.device, "--dtype", a.dtype]
+             "--device", a.device, "--dtype", a.dtype] + ["--frozen-head"] * a.frozen_head
     methods = a.methods.split(",")
     runs = {m: [] for m in methods}
     for rnd in range(a.rounds if a.device == "cpu" else 1):
@@ -213,10 +218,13 @@ def main():
             continue
         # Executed GEMM FLOPs: full-logits methods 3 GEMMs over all tokens (+1 forward for
         # Liger's reference pass); dpo_fast 4 - f GEMMs over response tokens only (f = the
-        # fraction of logits kept from the forward).
+        # fraction of logits kept from the forward). A frozen head drops every dW GEMM.
         n_gemm = {"naive": 3 * n_tok, "liger+ref": 4 * n_tok, "liger-noref": 3 * n_tok,
                   "cce": 3 * n_resp, "dpo_fast": (4 - kept) * n_resp,
                   "dpo_fast-flat": 4 * n_resp, "dpo_fast-scratch": 3 * n_resp}[r["method"]]
+        if a.frozen_head:
+            n_gemm -= n_resp if r["method"] in ("cce",) or r["method"].startswith("dpo") \
+                else n_tok
         flops = n_gemm * gemm
         ratio = lambda k, key: (harness.fmt(r[key] / by[k][key], ".2f")  # noqa: E731
                                 if k in by and by[k][key] > 0 else "—")
@@ -229,7 +237,8 @@ def main():
     info = harness.machine()
     cuda = a.device == "cuda"
     md = (f"# DPO loss layer, fwd+bwd ({a.device}, {a.dtype}): B={a.pairs} pairs, T={a.seq}, "
-          f"D={a.dim}, V={a.vocab}, prompt={a.prompt_len} of {a.seq} positions ignored\n\n"
+          f"D={a.dim}, V={a.vocab}, prompt={a.prompt_len} of {a.seq} positions ignored"
+          + (", LM head frozen (no weight gradient, as under LoRA)" * a.frozen_head) + "\n\n"
           f"Machine: {info}. Peak {a.dtype} matmul {peak:.1f} GFLOP/s. "
           + ("Median over do_bench's repetitions (0.5 s). Extra memory: CUDA allocator peak "
              "above inputs and gradients.\n\n" if cuda else
@@ -241,7 +250,8 @@ def main():
     md += harness.md_table(["method", "GEMMs", "fwd+bwd s", "x naive", "x liger+ref", "x liger-noref",
                             "GFLOP/s (executed)", "extra MiB", "extra x liger+ref"], rows)
     suffix = "" if (a.device, a.dtype) == ("cpu", "float32") else f"_{a.dtype}"
-    harness.write_results(f"dpo_loss_{a.device}{suffix}_p{a.prompt_len}",
+    harness.write_results(f"dpo_loss_{a.device}{suffix}_p{a.prompt_len}"
+                          + "_frozen" * a.frozen_head,
                           {"machine": info, "peak_gflops": peak, "args": vars(a),
                            "results": results}, md)
     print(md)

@@ -16,6 +16,12 @@
 // Every reduction order depends only on the shapes and the thread count: bitwise
 // deterministic run to run. Extra memory: the [TB, D] partials and tiles, never [N, V]; TB keeps
 // it near 1.2% of the [N, V] fp32 logits (fp16/bf16 may use a single block instead, see below).
+// need_dh / need_dw = false (a frozen input) skip that gradient's GEMM and buffers.
+//
+// The chunk ops (chunk_fwd / chunk_bwd / store_plan, driven by dpo_fast/kernels/dpo_scratch.py
+// for the preference loss) are the same two passes over one chunk of whole pairs, with a
+// caller's buffer (the "store") that keeps the first tiles' logits from the forward so the
+// backward skips their GEMM, and with dh / dW / db written into the caller's fp32 buffers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -639,7 +645,6 @@ TORCH_LIBRARY_IMPL(dpo_fast_cpu, CPU, m) {
   m.impl("chunk_fwd", &chunk_fwd);
   m.impl("chunk_bwd", &chunk_bwd);
 }
-
 
 }  // namespace dpo_fast_cpu
 
