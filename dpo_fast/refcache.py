@@ -387,8 +387,20 @@ def _tokenizer_hash(tokenizer) -> Optional[str]:
                ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
                 "mask_token")}
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    # What tokenizes: a fast tokenizer's backend (normalizer, pre-tokenizer, model, post-
+    # processor; not the runtime truncation / padding settings), so the same tokenizer.json
+    # loaded through another class (GPT2TokenizerFast vs AutoTokenizer) matches; a slow
+    # tokenizer has only its class to go by.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        how = {"backend": spec}
+    else:
+        how = {"class": type(tokenizer).__name__}
     desc = {
-        "class": type(tokenizer).__name__,
+        **how,
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
         "special": special,
         "all_special": sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []),
@@ -413,8 +425,9 @@ def fingerprint(model, tokenizer=None, *, max_length: Optional[int] = None,
 
     Fields: ``logprob_version`` (``LOGPROB_VERSION``), ``model_class``, ``model_config``
     (SHA-256 of the config without paths / versions / bookkeeping keys), ``model_weights`` and
-    ``model_weights_method`` (see below), ``tokenizer`` (SHA-256 of its class name, vocabulary,
-    special and added tokens and chat template; None without a tokenizer), ``max_length``,
+    ``model_weights_method`` (see below), ``tokenizer`` (SHA-256 of its tokenization pipeline -- a fast
+    tokenizer's backend JSON without runtime truncation / padding, else its class name --,
+    vocabulary, special and added tokens and chat template; None without a tokenizer), ``max_length``,
     ``truncation``, ``softcap`` / ``temperature`` (effective values: ``softcap=None`` takes the
     config's ``final_logit_softcapping``; Granite / Cohere logit scales are folded into the
     temperature), ``dtype`` (the model's, unless given).

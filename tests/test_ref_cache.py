@@ -528,6 +528,19 @@ def test_fingerprint_fields(model, saved):
     tok2 = transformers.AutoTokenizer.from_pretrained(saved / "model")
     tok2.chat_template = "{{ messages }}"
     assert fingerprint(model, tok2)["tokenizer"] != fingerprint(model, tok)["tokenizer"]
+    # The tokenization pipeline counts, not the class it was loaded through, nor runtime
+    # truncation settings; a changed normalizer is a different tokenizer.
+    from tokenizers import normalizers
+
+    class OtherClass(transformers.PreTrainedTokenizerFast):
+        pass
+
+    tok3 = OtherClass.from_pretrained(saved / "model")
+    tok3.backend_tokenizer.enable_truncation(7)
+    assert type(tok3).__name__ != type(tok).__name__
+    assert fingerprint(model, tok3)["tokenizer"] == fingerprint(model, tok)["tokenizer"]
+    tok3.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert fingerprint(model, tok3)["tokenizer"] != fingerprint(model, tok)["tokenizer"]
     capped = copy.deepcopy(model)
     capped.config.final_logit_softcapping = 30.0
     fc = fingerprint(capped)
