@@ -234,8 +234,8 @@ def test_reference_based_type_without_reference_is_refused():
 
 @pytest.mark.parametrize("impl", ["torch", "cpu"][: 1 + HAVE_CPU])
 def test_torch_compile_matches_eager(impl):
-    # On "cpu" eager runs the chunk engine (default scratch) and the compiled code the
-    # memory-flat custom op (what "auto" picks while compiling): the same math.
+    # One graph (fullgraph). On "cpu" eager runs the chunk engine (default scratch) and the
+    # compiled graph the memory-flat custom op (what runs while compiling): the same math.
     batch = _packed_batch(2, 32, 300, prompt_lens=[2, 3, 1, 4], resp_lens=[5, 7, 3, 6])
 
     def f(h, w):
@@ -246,7 +246,7 @@ def test_torch_compile_matches_eager(impl):
     h1 = batch["hidden"].clone().requires_grad_()
     h2 = batch["hidden"].clone().requires_grad_()
     eager = f(h1, batch["weight"])
-    comp = torch.compile(f, backend="aot_eager")(h2, batch["weight"])
+    comp = torch.compile(f, backend="aot_eager", fullgraph=True)(h2, batch["weight"])
     eager.backward()
     comp.backward()
     torch.testing.assert_close(comp, eager, rtol=0, atol=1e-6)
@@ -390,3 +390,30 @@ def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
     assert seen and all(skipped for _, skipped in seen), seen
     assert w.grad is None
     _assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], torch.float32)
+
+
+def test_torch_compile_refusals():
+    batch = _packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2] * 4)
+    args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"])
+
+    def no_b(h):  # B cannot be read from the data while tracing
+        return dpo_fast.fused_preference_loss(h, *args[1:], None, loss_type="simpo",
+                                              impl="torch").loss
+
+    def drop(h):
+        return dpo_fast.fused_preference_loss(h, *args[1:], batch["ref_logps"], impl="torch",
+                                              empty_sequences="drop").loss
+
+    for fn, match in ((no_b, "num_pairs"), (drop, "drop")):
+        with pytest.raises(Exception, match=match):
+            torch.compile(fn, backend="aot_eager", fullgraph=True)(args[0])
+    # An empty pair cannot raise the eager ValueError inside a graph: a runtime assert fires.
+    empty = _packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2, 0, 2, 2])
+
+    def f(h):
+        return dpo_fast.fused_preference_loss(h, empty["weight"], empty["targets"],
+                                              empty["seq_index"], empty["ref_logps"],
+                                              impl="torch").loss
+
+    with pytest.raises(RuntimeError, match="no response token"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(empty["hidden"])

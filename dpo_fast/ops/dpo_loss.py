@@ -82,7 +82,10 @@ class FusedPreferenceOutput:
 
 def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Tensor],
                       num_pairs: Optional[int], ignore_index: int) -> int:
-    """Validates the packing and returns B (number of pairs)."""
+    """Validates the packing and returns B (number of pairs). While ``torch.compile`` traces,
+    the checks that read tensor values are skipped (as the op's target-range check is) and B
+    must come from ``ref_logps`` or ``num_pairs``."""
+    compiling = torch.compiler.is_compiling()
     if not isinstance(seq_index, Tensor) or seq_index.dtype.is_floating_point \
             or seq_index.dtype == torch.bool:
         raise ValueError("seq_index must be an integer tensor")
@@ -102,17 +105,22 @@ def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Te
         if num_pairs is not None and num_pairs != b:
             raise ValueError(f"num_pairs={num_pairs} but ref_logps has {ref_logps.numel()} "
                              f"entries (expected {2 * num_pairs})")
-        if not bool(torch.isfinite(ref_logps).all()):
+        if not compiling and not bool(torch.isfinite(ref_logps).all()):
             bad = (~torch.isfinite(ref_logps)).nonzero().flatten()[:5].tolist()
             raise ValueError(f"ref_logps has non-finite values at sequences {bad}")
     elif num_pairs is not None:
         b = int(num_pairs)
+    elif compiling:
+        raise ValueError("under torch.compile pass ref_logps or num_pairs: the number of pairs "
+                         "cannot be read from the data while tracing")
     else:
         valid = targets != ignore_index
         top = int(seq_index[valid].max()) + 1 if bool(valid.any()) else 0
         b = (top + 1) // 2
     if b < 1:
         raise ValueError("the batch holds no pair (no response token, no ref_logps, no num_pairs)")
+    if compiling:
+        return b
     valid = targets != ignore_index
     sv = seq_index[valid]
     bad = (sv < 0) | (sv >= 2 * b)
@@ -288,8 +296,12 @@ def fused_preference_loss(
             scratch). Needs a per-pair loss type (not aot / aot_unpaired) and no dropped
             pair; otherwise, and with None, the memory-flat path runs (O(N + tile) memory,
             one custom op that ``torch.compile`` traces). "auto" (default):
-            ``DEFAULT_CPU_SCRATCH_BYTES`` (40 MiB) on the C++ backend when not compiling,
-            else None.
+            ``DEFAULT_CPU_SCRATCH_BYTES`` (40 MiB) on the C++ backend, else None.
+
+    Under ``torch.compile`` the call traces as one graph (``fullgraph=True``) given
+    ``ref_logps`` or ``num_pairs``: the memory-flat path runs whatever ``max_scratch_bytes``
+    says, checks that read tensor values are skipped, an empty pair fails a runtime assert,
+    and ``empty_sequences="drop"`` is refused.
 
     Returns:
         :class:`FusedPreferenceOutput`.
@@ -297,6 +309,12 @@ def fused_preference_loss(
     if empty_sequences not in _EMPTY_POLICIES:
         raise ValueError(f"empty_sequences must be one of {_EMPTY_POLICIES}, got "
                          f"{empty_sequences!r}")
+    # While torch.compile traces: one graph (no value-dependent branch), the memory-flat path,
+    # no empty-pair dropping (it changes shapes); an empty pair fails a runtime assert.
+    compiling = torch.compiler.is_compiling()
+    if compiling and empty_sequences == "drop":
+        raise ValueError("empty_sequences='drop' changes the batch's shape and cannot be "
+                         "traced by torch.compile; drop such pairs before the loss")
     if not isinstance(targets, Tensor):
         raise ValueError("targets must be a tensor")
     targets = targets.reshape(-1)
@@ -315,7 +333,9 @@ def fused_preference_loss(
     lengths = torch.zeros(n_seq, dtype=torch.int64, device=dev).index_add(
         0, seq, valid.to(torch.int64))
     empty = (lengths[:b] == 0) | (lengths[b:] == 0)
-    if bool(empty.any()):
+    if compiling:
+        torch._assert_async(~empty.any(), "a pair has a sequence with no response token")
+    elif bool(empty.any()):
         if empty_sequences == "error":
             pairs = empty.nonzero().flatten()[:5].tolist()
             raise ValueError(f"{int(empty.sum())} pair(s) have a sequence with no response "
@@ -325,6 +345,8 @@ def fused_preference_loss(
             raise ValueError("every pair has an empty sequence; nothing to train on")
     cap = None if softcap is None else float(softcap)
 
+    if compiling:
+        max_scratch_bytes = None
     if isinstance(max_scratch_bytes, str):
         if max_scratch_bytes != "auto":
             raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
@@ -375,7 +397,7 @@ def fused_preference_loss(
     policy_logps, logp, ent, row_max, log_sum = _seq_fwd(
         h2, w, bias, targets, seq, n_seq, ignore_index, cap, 1.0 / float(temperature), name)
     kept = ~empty
-    idx = kept.nonzero().flatten()
+    idx = slice(None) if compiling or not bool(empty.any()) else kept.nonzero().flatten()
     pc, pr = policy_logps[:b][idx], policy_logps[b:][idx]
     lc, lr = lengths[:b][idx], lengths[b:][idx]
     if ref_logps is not None:
@@ -399,9 +421,9 @@ def fused_preference_loss(
         chosen_tok = valid & (seq < b)
         rejected_tok = valid & (seq >= b)
 
-        def _mean(x: Tensor, m: Tensor) -> Tensor:
+        def _mean(x: Tensor, m: Tensor) -> Tensor:  # NaN over no token; no host sync
             k = m.sum()
-            return (x * m).sum() / k if bool(k > 0) else torch.tensor(math.nan, device=dev)
+            return torch.where(k > 0, (x * m).sum() / k.clamp(min=1), math.nan)
 
         stats = dict(
             chosen_entropy=_mean(ent, chosen_tok),
@@ -413,7 +435,7 @@ def fused_preference_loss(
         loss=pref.loss, losses=pref.losses, chosen_rewards=pref.chosen_rewards,
         rejected_rewards=pref.rejected_rewards, margins=pref.margins,
         accuracies=pref.accuracies, policy_logps=policy_logps.detach(), lengths=lengths,
-        kept=kept, num_dropped=int(empty.sum()), preference=pref, **stats,
+        kept=kept, num_dropped=0 if compiling else int(empty.sum()), preference=pref, **stats,
     )
 
 
