@@ -340,6 +340,11 @@ def test_cpu_default_budget_and_its_fallbacks(monkeypatch):
                                           max_scratch_bytes=None)
     assert not _scratch_path(flat)
     torch.testing.assert_close(flat.loss, auto.loss, rtol=0, atol=1e-6)
+    # Its grads are formed once: a second backward is refused, not silently scaled twice.
+    again = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu")
+    again.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        again.loss.backward()
     # A batch-coupled type falls back to memory-flat.
     aot = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu", loss_type="aot")
     assert not _scratch_path(aot)

@@ -278,6 +278,10 @@ class ScratchPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the scratch engine forms its gradients once, in the forward: a "
+                               "second backward through it (retain_graph) is not supported; "
+                               "use max_scratch_bytes=None for that")
         out = []
         for x, dt in zip(grads, ctx.dtypes):
             if x is None:
