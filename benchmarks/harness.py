@@ -70,10 +70,14 @@ def time_fn(fn: Callable[[], None], reps: int, device: str = "cpu") -> Dict[str,
         fn()
         sync(device)
         ts.append(time.perf_counter() - t0)
-    ts.sort()
+    return dict(_quantiles(ts), reps=reps)
+
+
+def _quantiles(ts: List[float]) -> Dict:
+    """Median / p20 / p80 of step times, and the sorted times."""
+    ts = sorted(ts)
     q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
-    return {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8), "reps": reps,
-            "times": ts}
+    return {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8), "times": ts}
 
 
 def merge_rounds(method: str, runs: List[dict]) -> dict:
@@ -82,10 +86,9 @@ def merge_rounds(method: str, runs: List[dict]) -> dict:
     bad = [r for r in runs if "error" in r]
     if bad:
         return {"method": method, "error": bad[0]["error"]}
-    ts = sorted(t for r in runs for t in r.get("times", [r["time"]]))
-    q = lambda f: ts[min(len(ts) - 1, int(round(f * (len(ts) - 1))))]  # noqa: E731
-    return {"method": method, "time": statistics.median(ts), "p20": q(0.2), "p80": q(0.8),
-            "times": ts, "extra_bytes": max(r["extra_bytes"] for r in runs)}
+    qs = _quantiles([t for r in runs for t in r.get("times", [r["time"]])])
+    return {"method": method, "time": qs.pop("median"), **qs,
+            "extra_bytes": max(r["extra_bytes"] for r in runs)}
 
 
 def peak_matmul_gflops(device: str = "cpu", reps: int = 5,

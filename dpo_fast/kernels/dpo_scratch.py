@@ -38,22 +38,6 @@ PAIR_SEPARABLE = frozenset((
 ))
 
 
-def pair_chunks(lengths: Tensor, b: int, vocab: int, max_scratch_bytes: int) -> List[Tuple[int, int]]:
-    """Greedy chunks [p0, p1) of whole pairs whose response tokens' [tokens, V] fp32 logits
-    fit in ``max_scratch_bytes``. Empty list if a single pair does not fit."""
-    per_pair = (lengths[:b] + lengths[b:]).tolist()
-    chunks, p0, tok = [], 0, 0
-    for j, t in enumerate(per_pair):
-        if t * vocab * 4 > max_scratch_bytes:
-            return []
-        if tok + t > max_scratch_bytes // (vocab * 4) and j > p0:
-            chunks.append((p0, j))
-            p0, tok = j, 0
-        tok += t
-    chunks.append((p0, b))
-    return chunks
-
-
 def _logits(h: Tensor, wf: Tensor, bias: Optional[Tensor], out: Tensor,
             softcap: Optional[float], inv_temperature: float) -> Optional[Tensor]:
     """out <- z (fp32, in place); returns tanh(z0 / c) for the softcap chain, or None."""
@@ -72,15 +56,21 @@ def _logits(h: Tensor, wf: Tensor, bias: Optional[Tensor], out: Tensor,
 MIN_CHUNK_ROWS = 512  # the C++ kernel's token tile: smaller chunks give it smaller GEMMs
 
 
-def pair_chunks_partial(lengths: Tensor, b: int, vocab: int, max_scratch_bytes: int,
-                        min_rows: Optional[int] = None) -> List[Tuple[int, int]]:
-    """Greedy chunks [p0, p1) of whole pairs for the C++ engine: a pair joins the chunk while
-    the chunk's [tokens, V] fp32 logits still fit in ``max_scratch_bytes`` or the chunk has
-    fewer than ``min_rows`` tokens (short pairs are grouped so the GEMMs stay large). A chunk
-    that does not fit keeps part of its logits (never an empty list)."""
-    min_rows = MIN_CHUNK_ROWS if min_rows is None else min_rows
+def pair_chunks(lengths: Tensor, b: int, vocab: int, max_scratch_bytes: int, *,
+                partial: bool = False) -> List[Tuple[int, int]]:
+    """Greedy chunks [p0, p1) of whole pairs: a pair joins the chunk while the chunk's
+    [tokens, V] fp32 logits still fit in ``max_scratch_bytes``.
+
+    ``partial=False`` (the torch engine): every chunk must fit; empty list if a single pair
+    does not. ``partial=True`` (the C++ engine, which keeps part of a chunk's logits): a pair
+    also joins while the chunk has fewer than ``MIN_CHUNK_ROWS`` tokens (short pairs are
+    grouped so the GEMMs stay large); never an empty list.
+    """
     per_pair = (lengths[:b] + lengths[b:]).tolist()
     cap = max_scratch_bytes // (vocab * 4)
+    if not partial and max(per_pair) > cap:
+        return []
+    min_rows = MIN_CHUNK_ROWS if partial else 0
     chunks, p0, tok = [], 0, 0
     for j, t in enumerate(per_pair):
         if j > p0 and tok + t > cap and tok >= min_rows:

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from ..losses import PreferenceLossOutput, preference_loss
-from ..kernels.dpo_scratch import (PAIR_SEPARABLE, pair_chunks, pair_chunks_partial,
-                                    scratch_preference_loss)
+from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
 from .logprobs import TRITON_IMPLS, _backend, fake_grads, grads_or_empty, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
@@ -351,8 +350,7 @@ def fused_preference_loss(
         if max_scratch_bytes != "auto":
             raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
                              f"{max_scratch_bytes!r}")
-        max_scratch_bytes = (DEFAULT_CPU_SCRATCH_BYTES
-                             if name == "cpu" and not torch.compiler.is_compiling() else None)
+        max_scratch_bytes = DEFAULT_CPU_SCRATCH_BYTES if name == "cpu" else None
     if max_scratch_bytes is not None:
         if not (isinstance(max_scratch_bytes, int) and not isinstance(max_scratch_bytes, bool)
                 and max_scratch_bytes > 0):
@@ -364,10 +362,8 @@ def fused_preference_loss(
         wants_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hidden, weight, bias))
         if wants_grad and not bool(empty.any()) and all(t in PAIR_SEPARABLE for t in types):
-            if name == "cpu":
-                chunks = pair_chunks_partial(lengths, b, weight.shape[0], max_scratch_bytes)
-            else:
-                chunks = pair_chunks(lengths, b, weight.shape[0], max_scratch_bytes)
+            chunks = pair_chunks(lengths, b, weight.shape[0], max_scratch_bytes,
+                                 partial=name == "cpu")
         if chunks:
             ref = ref_logps.to(device=dev, dtype=torch.float32) if ref_logps is not None else None
             loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
