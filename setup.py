@@ -96,6 +96,7 @@ setup(
         "triton; platform_system == 'Linux'",
         "numpy",
         "safetensors",
+        "filelock>=3.10",
         "pyyaml",
         "transformers",
         "datasets",

@@ -5,7 +5,7 @@ Model and data: SmolLM2-135M-Instruct in fp32 (``dpo_fast.assets.load_smollm2``)
 ``dpo_fast.tokenize_dataset(tok, rows, max_length=--max-length)``. CPU, 2 threads.
 
 1. Precompute throughput. All three methods run over exactly the same batches: the cache's
-   own plan (``dpo_fast.refcache._make_plan``: unique examples, longest first, cut at
+   own plan (``dpo_fast.refcache.plan.make_plan``: unique examples, longest first, cut at
    ``--batch-tokens`` padded tokens) packed by ``dpo_fast.pack_pair_batch`` (2R right-padded
    sequences per batch; packing is inside the timed region for all three).
 
@@ -102,9 +102,9 @@ _DEFAULT_MALLOC = "_BENCH_REFCACHE_DEFAULT_MALLOC"
 
 def _setup(a):
     """(model, tokenizer, examples, plan batches) the same way in every worker."""
-    from dpo_fast import refcache as rc
     from dpo_fast import tokenize_dataset
     from dpo_fast.assets import load_smollm2, rotten_tomatoes_pairs
+    from dpo_fast.refcache.plan import make_plan, unique_examples
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def _setup(a):
     train, _ = rotten_tomatoes_pairs()
     examples, dropped = tokenize_dataset(tok, train[: a.pairs], max_length=a.max_length)
     vocab = model.get_output_embeddings().weight.shape[0]
-    plan = rc._make_plan(rc._unique_examples(examples, vocab), batch_tokens=a.batch_tokens,
-                         rows_per_shard=4096, per_token=False, first_shard=0)
+    plan = make_plan(unique_examples(examples, vocab), batch_tokens=a.batch_tokens,
+                     rows_per_shard=4096, per_token=False, first_shard=0)
     batches = [plan.examples[i:j] for shard in plan.shards for i, j in shard]
     return model, tok, examples, plan, batches, dropped
 

@@ -22,6 +22,7 @@ from .ops.dpo_loss import (  # noqa: E402
 )
 from .ops.logprobs import LinearLogprobs, linear_logprobs  # noqa: E402
 from .refcache import (  # noqa: E402
+    CacheLockedError,
     CorruptCacheError,
     FingerprintMismatchError,
     MissingRowsError,
@@ -50,4 +51,5 @@ __all__ = [
     "RefCacheError",
     "CorruptCacheError",
     "FingerprintMismatchError",
+    "CacheLockedError",
 ]

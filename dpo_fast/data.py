@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -249,11 +250,51 @@ def tokenize_preference(tokenizer, prompt, chosen, rejected, *, max_length: Opti
     return _split_ids(p, pc, pr, max_length)
 
 
+PROMPT_TOO_LONG = "prompt_too_long"
+IDENTICAL = "identical"
+_REASON_TEXT = {PROMPT_TOO_LONG: "the prompt alone reaches max_length",
+                IDENTICAL: "chosen == rejected after tokenization (no preference to learn)"}
+_IDENTICAL_POLICIES = ("skip", "error", "keep")
+
+
+class DroppedRows(list):
+    """The rows :func:`tokenize_dataset` left out: a sorted list of their indices (0-based,
+    in input order), with ``reasons[i]`` saying why: ``"prompt_too_long"`` (the prompt alone
+    reaches ``max_length``; TRL drops these too) or ``"identical"`` (chosen and rejected
+    tokenize to the same ids, so the pair's DPO gradient is zero)."""
+
+    def __init__(self, reasons: Optional[Mapping[int, str]] = None,
+                 names: Optional[Sequence[str]] = None):
+        reasons = dict(reasons or {})
+        super().__init__(sorted(reasons))
+        self.reasons = reasons
+        self._names = names
+
+    def of(self, reason: str) -> List[int]:
+        """The indices dropped for ``reason``."""
+        return [i for i in self if self.reasons[i] == reason]
+
+    def name(self, i: int) -> str:
+        return self._names[i] if self._names is not None else f"row {i}"
+
+    def describe(self, limit: int = 5) -> str:
+        """One line per reason: the count, why, and the first ``limit`` rows by name."""
+        lines = []
+        for reason, text in _REASON_TEXT.items():
+            idx = self.of(reason)
+            if idx:
+                shown = ", ".join(self.name(i) for i in idx[:limit])
+                lines.append(f"{len(idx)} row(s) dropped, {text}: {shown}"
+                             + (f", ... ({len(idx) - limit} more)" if len(idx) > limit else ""))
+        return "\n".join(lines)
+
+
 def tokenize_dataset(tokenizer, rows: Iterable[Mapping[str, Any]], *,
                      max_length: Optional[int] = None, add_eos: bool = True,
                      columns: Tuple[str, str, str] = ("prompt", "chosen", "rejected"),
-                     batch_size: int = 1024,
-                     ) -> Tuple[List[PreferenceExample], List[int]]:
+                     batch_size: int = 1024, identical: str = "skip",
+                     row_names: Optional[Sequence[str]] = None,
+                     ) -> Tuple[List[PreferenceExample], DroppedRows]:
     """Tokenizes preference rows (mappings with prompt / chosen / rejected columns).
 
     String rows are tokenized in batches (same ids as one call per row);
@@ -265,33 +306,50 @@ def tokenize_dataset(tokenizer, rows: Iterable[Mapping[str, Any]], *,
         max_length, add_eos: as in :func:`tokenize_preference`.
         columns: names of the prompt, chosen and rejected columns.
         batch_size: rows per tokenizer call.
+        identical: what to do with a row whose chosen and rejected responses tokenize to the
+            same ids (after truncation): ``"skip"`` it with a warning (default), raise an
+            ``"error"``, or ``"keep"`` it (its DPO gradient is zero, but it still counts in
+            a batch mean, as in TRL).
+        row_names: how messages name row i (e.g. ``"line 7"`` of a file); default
+            ``"row i"``.
 
     Returns:
-        ``(examples, dropped)``: the examples of the kept rows in input order, and the indices
-        (0-based, in input order) of rows dropped because their prompt alone reaches
-        ``max_length``.
+        ``(examples, dropped)``: the examples of the kept rows in input order, and a
+        :class:`DroppedRows` (a sorted list of the indices of the rows left out, with their
+        reasons).
 
     Raises:
-        ValueError naming the row index and column for a row that is not a mapping, lacks a
+        ValueError naming the row and column for a row that is not a mapping, lacks a
         column, holds a value that is neither a string nor a list of messages, mixes kinds, or
-        tokenizes to an empty prompt / response.
+        tokenizes to an empty prompt / response; and for identical responses if
+        ``identical="error"``.
     """
     _check_max_length(max_length)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if identical not in _IDENTICAL_POLICIES:
+        raise ValueError(f"identical must be one of {_IDENTICAL_POLICIES}, got {identical!r}")
     pcol, ccol, rcol = columns
     eos = _eos_token(tokenizer) if add_eos else None
     examples: List[Optional[PreferenceExample]] = []
-    dropped: List[int] = []
+    reasons: Dict[int, str] = {}
     pending: List[Tuple[int, str, str, str]] = []  # (row, prompt, prompt+chosen, prompt+rejected)
+
+    def name(i: int) -> str:
+        return row_names[i] if row_names is not None else f"row {i}"
 
     def finish(i: int, make) -> None:
         try:
-            examples[i] = make()
+            ex = make()
         except PromptTooLongError:
-            dropped.append(i)
+            reasons[i] = PROMPT_TOO_LONG
+            return
         except ValueError as e:
-            raise ValueError(f"row {i}: {e}") from e
+            raise ValueError(f"{name(i)}: {e}") from e
+        if identical != "keep" and np.array_equal(ex.chosen_ids, ex.rejected_ids):
+            reasons[i] = IDENTICAL
+            return
+        examples[i] = ex
 
     def flush() -> None:
         if not pending:
@@ -306,15 +364,15 @@ def tokenize_dataset(tokenizer, rows: Iterable[Mapping[str, Any]], *,
     for i, row in enumerate(rows):
         examples.append(None)
         if not isinstance(row, Mapping):
-            raise ValueError(f"row {i}: expected a mapping with columns {list(columns)}, got "
+            raise ValueError(f"{name(i)}: expected a mapping with columns {list(columns)}, got "
                              f"{type(row).__name__}")
         missing = [c for c in columns if c not in row]
         if missing:
-            raise ValueError(f"row {i}: missing column(s) {missing}; it has {sorted(row)}")
+            raise ValueError(f"{name(i)}: missing column(s) {missing}; it has {sorted(row)}")
         vals = [row[c] for c in columns]
         for c, v in zip(columns, vals):
             if not (isinstance(v, str) or _is_conversation(v)):
-                raise ValueError(f"row {i}, column {c!r}: expected a string or a list of "
+                raise ValueError(f"{name(i)}, column {c!r}: expected a string or a list of "
                                  f"message dicts, got {type(v).__name__}")
         if all(isinstance(v, str) for v in vals):
             p, c, r = vals
@@ -329,7 +387,15 @@ def tokenize_dataset(tokenizer, rows: Iterable[Mapping[str, Any]], *,
             finish(i, lambda: tokenize_preference(tokenizer, p, c, r, max_length=max_length,
                                                   add_eos=add_eos))
     flush()
-    dropped.sort()
+    dropped = DroppedRows(reasons, row_names)
+    same = dropped.of(IDENTICAL)
+    if same and identical == "error":
+        raise ValueError(f"{len(same)} row(s) have chosen == rejected after tokenization: "
+                         + ", ".join(name(i) for i in same[:5]) + (", ..." if len(same) > 5
+                                                                   else ""))
+    if same:
+        warnings.warn(DroppedRows({i: IDENTICAL for i in same}, row_names).describe(),
+                      UserWarning, stacklevel=2)
     return [e for e in examples if e is not None], dropped
 
 
@@ -389,13 +455,38 @@ def pack_pair_batch(examples: Sequence[PreferenceExample], *, pad_token_id: int 
 # ------------------------------------------------------------------------------ files
 
 
-def read_rows(path, *, limit: Optional[int] = None) -> List[dict]:
+class Rows(list):
+    """The rows :func:`read_rows` read (a list of dicts), with ``locations[i]`` naming where
+    row i came from in the file (``"line 7"`` for JSONL and CSV, ``"item 3"`` for JSON)."""
+
+    def __init__(self, rows: Iterable[dict] = (), locations: Sequence[str] = ()):
+        super().__init__(rows)
+        self.locations = list(locations)
+
+
+def _decode(p, data: bytes, offset_line: int = 1) -> str:
+    """``data`` as UTF-8 (a leading byte-order mark dropped); a bad byte is a ValueError naming
+    the file, line and column."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + offset_line
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{p}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column "
+                         f"{col}); save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_rows(path, *, limit: Optional[int] = None) -> Rows:
     """Reads preference rows from a ``.jsonl`` (one JSON object per line), ``.json`` (a list
     of objects) or ``.csv`` (header row) file; at most ``limit`` rows if given.
 
-    Errors (ValueError) name the file and the line (JSONL, CSV) or list index (JSON).
+    The file must be UTF-8 (a byte-order mark is allowed). Returns a :class:`Rows` (a list of
+    dicts that also says where each row came from). Errors (ValueError) name the file and
+    the line (JSONL, CSV) or list index (JSON); an empty file gives no rows.
     """
     import csv
+    import io
     import json
     from pathlib import Path
 
@@ -405,14 +496,18 @@ def read_rows(path, *, limit: Optional[int] = None) -> List[dict]:
     suffix = p.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"{p}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory, not a data file")
     if not p.is_file():
         raise FileNotFoundError(f"data file {p} does not exist")
     rows: List[dict] = []
+    where: List[str] = []
     if suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 if limit is not None and len(rows) >= limit:
                     break
+                line = _decode(p, raw, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -423,9 +518,13 @@ def read_rows(path, *, limit: Optional[int] = None) -> List[dict]:
                     raise ValueError(f"{p}:{lineno}: expected a JSON object, got "
                                      f"{type(obj).__name__}")
                 rows.append(obj)
+                where.append(f"line {lineno}")
     elif suffix == ".json":
+        text = _decode(p, p.read_bytes())
+        if not text.strip():
+            return Rows()
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON ({e})") from None
         if not isinstance(data, list):
@@ -435,13 +534,17 @@ def read_rows(path, *, limit: Optional[int] = None) -> List[dict]:
                 raise ValueError(f"{p}: item {i}: expected a JSON object, got "
                                  f"{type(obj).__name__}")
             rows.append(obj)
+            where.append(f"item {i}")
     else:
-        with open(p, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(_decode(p, p.read_bytes()), newline=""))
+        try:
             for row in reader:
                 if limit is not None and len(rows) >= limit:
                     break
                 if None in row:
                     raise ValueError(f"{p}:{reader.line_num}: more fields than the header has")
                 rows.append(dict(row))
-    return rows
+                where.append(f"line {reader.line_num}")
+        except csv.Error as e:
+            raise ValueError(f"{p}:{reader.line_num}: not valid CSV ({e})") from None
+    return Rows(rows, where)

@@ -205,7 +205,7 @@ def test_values_match_full_logits_oracle(real, built, orc):
 KILL_SCRIPT = textwrap.dedent("""
     import os, runpy, signal, sys
     import dpo_fast.cli as cli
-    import dpo_fast.refcache as rc
+    import dpo_fast.refcache.store as rc
 
     kind, _, at = sys.argv[1].partition(":")
     at = int(at)
@@ -228,12 +228,12 @@ KILL_SCRIPT = textwrap.dedent("""
 
         cli.ProgressBar.__call__ = call
     else:  # inside the write of shard `at`
-        write = rc._atomic_write
+        write = rc.atomic_write
 
         def atomic_write(path, data):
-            if path.name == rc._SHARD_NAME.format(at):
+            if path.name == rc.shard_name(at):
                 if kind == "tmp":  # half of the temp file written
-                    tmp = path.with_name(f".{path.name}{rc._TMP_MARK}{os.getpid()}-dead")
+                    tmp = path.with_name(f".{path.name}{rc.TMP_MARK}{os.getpid()}-dead")
                     with open(tmp, "wb") as f:
                         f.write(data[: len(data) // 2])
                         f.flush()
@@ -243,7 +243,7 @@ KILL_SCRIPT = textwrap.dedent("""
                 die(f"renamed {path.name}")
             write(path, data)
 
-        rc._atomic_write = atomic_write
+        rc.atomic_write = atomic_write
     runpy.run_module("dpo_fast", run_name="__main__", alter_sys=True)
 """)
 

@@ -24,8 +24,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..losses import PreferenceLossOutput, preference_loss
 from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
+from ..losses import PreferenceLossOutput, preference_loss
 from .logprobs import TRITON_IMPLS, _backend, fake_grads, grads_or_empty, prepare_inputs
 
 _EMPTY_POLICIES = ("error", "drop")
