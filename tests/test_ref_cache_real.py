@@ -23,6 +23,9 @@ per-token values on) is built in this process and shared by the tests. What they
   and the CLI); the expert override opens the cache with a warning.
 - keys: re-tokenized, shuffled and filtered rows find the same values; ``ensure`` adds only new
   rows; unknown keys raise ``MissingRowsError`` with the count.
+- concurrency: two ``dpo-fast precompute`` runs with different rows into one folder, the second
+  started while the first computes, both succeed (the second waits for the lock) and the
+  folder holds both runs' rows with the values of clean builds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -473,3 +477,46 @@ def test_lookup_of_missing_keys_names_the_count(real, built):
     assert all(ex.key in str(ei.value) for ex in strangers)
     with pytest.raises(MissingRowsError, match=r"1 of 1 key\(s\)"):
         built.lengths([strangers[2]])
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def test_two_precomputes_into_one_folder_both_land(real, tmp_path):
+    train, _ = rotten_tomatoes_pairs()
+    rows_a, rows_b = train[1::80][:40], train[2::80][:40]
+    exs = {}
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        exs[name], dropped = tokenize_dataset(real.tok, rows, max_length=MAX_LENGTH)
+        assert dropped == []
+    assert not {e.key for e in exs["a"]} & {e.key for e in exs["b"]}
+    settings = dict(batch_tokens=BATCH_TOKENS, rows_per_shard=16)
+    clean = {name: RefLogProbCache.build(real.model, e, tmp_path / f"clean-{name}",
+                                         fingerprint=real.fp, **settings)
+             for name, e in exs.items()}
+    out = tmp_path / "conc"
+
+    def start(name, rows):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        args = ["--model", str(real.model_dir), "--data", str(data), "--out", str(out),
+                "--max-length", str(MAX_LENGTH), "--rows-per-shard", "16", "--batch-tokens",
+                str(BATCH_TOKENS), "--device", "cpu", "--no-progress"]
+        return subprocess.Popen([sys.executable, "-m", "dpo_fast", "precompute", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env(), cwd=str(ROOT))
+
+    a = start("a", rows_a)
+    t0 = time.monotonic()
+    while not (out / "manifest.json").exists():  # A holds the lock and computes
+        assert a.poll() is None and time.monotonic() - t0 < 300, a.communicate()[1][-3000:]
+        time.sleep(0.05)
+    b = start("b", rows_b)
+    err_a, err_b = a.communicate(timeout=600)[1], b.communicate(timeout=600)[1]
+    assert a.returncode == 0 and "Traceback" not in err_a, err_a[-3000:]
+    assert b.returncode == 0 and "Traceback" not in err_b, err_b[-3000:]
+    assert "waiting for the reference cache" in err_b and f"pid {a.pid} " in err_b, err_b
+    cache = RefLogProbCache.open(out, expect=real.fp)
+    assert set(cache.keys()) == set(clean["a"].keys()) | set(clean["b"].keys())
+    for name in ("a", "b"):
+        assert torch.equal(cache.lookup(exs[name]), clean[name].lookup(exs[name])), name
+    assert not [f for f in os.listdir(out) if ".tmp-" in f or f.startswith("seg-")]

@@ -483,6 +483,9 @@ def compact_locked(path: Path, rows_per_shard: int, *, drop_corrupt: bool = Fals
     b0 = done_builds[0] if len(done_builds) == 1 else None
     if (not bad and len(done_builds) == len(man["builds"]) and b0 is not None
             and b0.get("kind") == "compacted" and b0.get("rows_per_shard") == rows_per_shard):
+        # already compacted: only what an interrupted compaction left behind goes
+        store.remove_unlisted(path, [r["file"] for r in man["shards"]])
+        store.remove_temps(path)
         return man, []
     keys = np.concatenate([p["keys"] for p in parts]) if parts else \
         np.zeros((0, KEY_BYTES), np.uint8)
@@ -520,6 +523,58 @@ def compact_locked(path: Path, rows_per_shard: int, *, drop_corrupt: bool = Fals
     store.remove_unlisted(path, [r["file"] for r in recs])
     store.remove_temps(path)
     return new, [r["file"] for r in bad]
+
+
+def seal_locked(path: Path, man: Dict[str, Any]) -> Dict[str, Any]:
+    """Turns the unfinished last build of the cache at ``path`` (whose lock the caller holds)
+    into a finished build of the rows it saved: its whole shards, plus one shard made of the
+    segments of the shard it was computing. Nothing computed and saved is lost when a run
+    with other rows follows an interrupted one. Returns the new manifest (written)."""
+    last = man["builds"][-1]
+    first = last["first_shard"]
+    gen = int(man.get("generation", 0))
+    per_token = bool(man["per_token"])
+    kept: List[Dict[str, Any]] = []
+    for rec in sorted((s for s in man["shards"] if s["index"] >= first),
+                      key=lambda r: r["index"]):
+        if rec["index"] != first + len(kept):
+            break
+        try:
+            store.read_shard(path, rec)
+        except CorruptCacheError:
+            break
+        kept.append(rec)
+    index = first + len(kept)
+    parts, end = [], 0
+    for rec in sorted((s for s in man.get("segments", []) if s.get("shard") == index),
+                      key=lambda r: r.get("batches", [0])[0]):
+        if rec.get("batches", [None])[0] != end:
+            break
+        try:
+            parts.append(store.part_from_arrays(store.read_shard(path, rec), per_token))
+        except CorruptCacheError:
+            break
+        end = rec["batches"][1]
+    if parts:
+        data, n = store.encode_shard(parts, index, per_token)
+        name = store.shard_name(index, gen)
+        store.atomic_write(path / name, data)
+        kept.append({"file": name, "index": index, "rows": n, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()})
+    rows = sum(r["rows"] for r in kept)
+    new = dict(man, segments=[], complete=True)
+    new["shards"] = [s for s in man["shards"] if s["index"] < first] + kept
+    new["builds"] = man["builds"][:-1]
+    if kept:
+        h = hashlib.sha256(b"dpo_fast/sealed/v1\0")
+        h.update(f"{last['plan_sha256']}:{rows}".encode())
+        new["builds"].append({"kind": "sealed", "plan_sha256": h.hexdigest(),
+                              "first_shard": first, "num_shards": len(kept), "rows": rows,
+                              "batch_tokens": last.get("batch_tokens"),
+                              "rows_per_shard": last.get("rows_per_shard"), "complete": True})
+    store.write_manifest(path, new)
+    store.remove_unlisted(path, [s["file"] for s in new["shards"]])
+    return new
 
 
 def _should_compact(man: Dict[str, Any], rows_per_shard: int) -> bool:
@@ -660,6 +715,8 @@ def run_build(cls, mode: str, model, examples, path, *, batch_tokens: int = 1638
     if progress is not None and not callable(progress):
         raise ValueError("progress must be None or a callable taking a BuildProgress")
     rank, world, inited = _dist_rank_world(rank, world_size)
+    if repair and world > 1:
+        raise ValueError("repair=True runs in one process (not with rank / world_size)")
     per_token = bool(per_token)
     path = Path(path)
     check_target(path)
@@ -686,55 +743,32 @@ def run_build(cls, mode: str, model, examples, path, *, batch_tokens: int = 1638
     with writer_lock(path, rank, world, inited, lock_timeout, on_lock_wait) as read_only:
         if read_only is not None:
             return _use_read_only(cls, path, fp, uniq, per_token, read_only)
-        if overwrite and (path / MANIFEST).exists() or overwrite and any(path.iterdir()):
-            if world > 1 and not inited:
-                raise ValueError("overwrite=True with an explicit rank / world_size needs "
-                                 "torch.distributed (rank 0 clears the directory); clear it "
-                                 "first")
-            if rank == 0:
+        if overwrite and world > 1 and not inited and (path / MANIFEST).exists():
+            raise ValueError("overwrite=True with an explicit rank / world_size needs "
+                             "torch.distributed (rank 0 clears the directory); clear it first")
+        args = (path, mode, uniq, settings)
+        if rank == 0 and (world == 1 or inited):  # rank 0 alone changes what is there
+            if overwrite:
                 wipe(path)
+            man = _checked_manifest(path, fp, per_token)
+            if repair and man is not None:
+                if man["builds"] and not man["builds"][-1]["complete"]:
+                    man = seal_locked(path, man)
+                if load_rows(path, complete_part(man, path)[1], per_token,
+                             skip_corrupt=True)[1]:
+                    man, dropped = compact_locked(path, rows_per_shard, drop_corrupt=True)
+                    warnings.warn(f"repair: dropped the damaged shard(s) {dropped} of {path}; "
+                                  "their rows are recomputed", RuntimeWarning, stacklevel=3)
+            complete, base_shards, plan = _plan_for(man, *args)
+            builds = man["builds"] if man is not None else []
+            if builds and not builds[-1]["complete"] and builds[-1]["plan_sha256"] != plan.sha256:
+                # an interrupted run of other rows: keep what it saved as a finished build
+                seal_locked(path, man)
         if inited and world > 1:
             torch.distributed.barrier()
-
-        man = store.read_manifest(path)
-        if man is not None:
-            check_fingerprint(man["fingerprint"], fp, path)
-            if bool(man["per_token"]) != per_token:
-                raise RefCacheError(f"the reference cache at {path} has per_token="
-                                    f"{bool(man['per_token'])}; this run asks "
-                                    f"per_token={per_token}")
+        man = _checked_manifest(path, fp, per_token)
+        complete, base_shards, plan = _plan_for(man, *args)
         builds = man["builds"] if man is not None else []
-        complete, base_shards = complete_part(man, path) if man is not None else ([], [])
-        if repair and man is not None and complete and rank == 0:
-            if load_rows(path, base_shards, per_token, skip_corrupt=True)[1]:
-                man, dropped = compact_locked(path, rows_per_shard, drop_corrupt=True,
-                                              discard_incomplete=True)
-                warnings.warn(f"repair: dropped the damaged shard(s) {dropped} of {path}; "
-                              "their rows are recomputed", RuntimeWarning, stacklevel=3)
-                builds = man["builds"]
-                complete, base_shards = complete_part(man, path)
-        n_base = sum(b["num_shards"] for b in complete)
-
-        if mode == "build":
-            plan = make_plan(uniq, first_shard=0, **settings)
-            if builds and not (len(builds) == 1 and builds[0]["plan_sha256"] == plan.sha256):
-                have = (_keys_of(load_rows(path, base_shards, per_token)[0])
-                        if len(complete) == len(builds) else None)
-                if have is None or have != {ex.key_bytes for ex in uniq}:
-                    raise RefCacheError(
-                        f"{path} already holds a reference cache of other examples or build "
-                        f"settings (plan {builds[0]['plan_sha256'][:12]}..., this run's "
-                        f"{plan.sha256[:12]}...)",
-                        hint="Use overwrite=True, another directory, or "
-                             "RefLogProbCache.ensure to add rows.",
-                        cli_hint="Use --overwrite or another --out.")
-                plan = make_plan([], first_shard=n_base, **settings)  # same rows: nothing to do
-            else:
-                base_shards, complete = [], []
-        else:
-            have = _keys_of(load_rows(path, base_shards, per_token)[0])
-            plan = make_plan([ex for ex in uniq if ex.key_bytes not in have],
-                             first_shard=n_base, **settings)
 
         done_already = not plan.shards or (
             bool(builds) and builds[-1]["plan_sha256"] == plan.sha256 and builds[-1]["complete"])
@@ -767,6 +801,48 @@ def run_build(cls, mode: str, model, examples, path, *, batch_tokens: int = 1638
 
 def _keys_of(parts) -> set:
     return {bytes(k) for p in parts for k in p["keys"]}
+
+
+def _checked_manifest(path: Path, fp: Dict[str, Any], per_token: bool
+                      ) -> Optional[Dict[str, Any]]:
+    """The manifest at ``path`` (None if absent), refused if its fingerprint or per_token
+    differ from this run's."""
+    man = store.read_manifest(path)
+    if man is not None:
+        check_fingerprint(man["fingerprint"], fp, path)
+        if bool(man["per_token"]) != per_token:
+            raise RefCacheError(f"the reference cache at {path} has per_token="
+                                f"{bool(man['per_token'])}; this run asks per_token={per_token}")
+    return man
+
+
+def _plan_for(man: Optional[Dict[str, Any]], path: Path, mode: str,
+              uniq: List[PreferenceExample], settings: Dict[str, Any]
+              ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], Plan]:
+    """(completed builds, their shards, the plan of what this run computes) for a cache in
+    the state ``man``. ``build``: the cache must hold these rows or nothing (else
+    RefCacheError); ``ensure``: the plan holds the rows the finished builds lack."""
+    builds = man["builds"] if man is not None else []
+    complete, base = complete_part(man, path) if man is not None else ([], [])
+    n_base = sum(b["num_shards"] for b in complete)
+    per_token = settings["per_token"]
+    if mode == "ensure":
+        have = _keys_of(load_rows(path, base, per_token)[0])
+        return complete, base, make_plan([ex for ex in uniq if ex.key_bytes not in have],
+                                         first_shard=n_base, **settings)
+    plan = make_plan(uniq, first_shard=0, **settings)
+    if not builds or (len(builds) == 1 and builds[0]["plan_sha256"] == plan.sha256):
+        return [], [], plan
+    have = (_keys_of(load_rows(path, base, per_token)[0])
+            if len(complete) == len(builds) else None)
+    if have is None or have != {ex.key_bytes for ex in uniq}:
+        raise RefCacheError(
+            f"{path} already holds a reference cache of other examples or build settings "
+            f"(plan {builds[0]['plan_sha256'][:12]}..., this run's {plan.sha256[:12]}...)",
+            hint="Use overwrite=True, another directory, or RefLogProbCache.ensure to add "
+                 "rows.",
+            cli_hint="Use --overwrite or another --out.")
+    return complete, base, make_plan([], first_shard=n_base, **settings)  # the same rows
 
 
 def _use_read_only(cls, path: Path, fp, uniq: List[PreferenceExample], per_token: bool,
