@@ -284,9 +284,10 @@ def _resolve_model(model: str, gguf_file: Optional[str]) -> Tuple[str, Dict[str,
         raise CliError(f"--model {model}: not found locally (--gguf-file needs a local folder)")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
-        return model, {}
     offline = str(os.environ.get("HF_HUB_OFFLINE", "")).upper() in ("1", "ON", "YES", "TRUE")
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        # in the local cache: load from there without asking an unreachable hub
+        return model, ({"local_files_only": True} if offline or not _hub_reachable() else {})
     if offline or not _hub_reachable():
         why = ("HF_HUB_OFFLINE is set" if offline
                else "the Hugging Face hub cannot be reached from this machine")

@@ -520,3 +520,20 @@ def test_two_precomputes_into_one_folder_both_land(real, tmp_path):
     for name in ("a", "b"):
         assert torch.equal(cache.lookup(exs[name]), clean[name].lookup(exs[name])), name
     assert not [f for f in os.listdir(out) if ".tmp-" in f or f.startswith("seg-")]
+
+
+def test_model_given_as_the_bundled_gguf_file(real, tmp_path):
+    """``--model path/to/file.gguf`` (the README's way to use the bundled SmolLM2): the same
+    weights as the converted folder, so the same values as the in-process build."""
+    from dpo_fast.assets import smollm2_gguf_path
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", real.rows[:6])
+    out = tmp_path / "cache"
+    run_cli(["--model", str(smollm2_gguf_path()), "--data", str(data), "--out", str(out),
+             "--max-length", str(MAX_LENGTH), "--batch-tokens", str(BATCH_TOKENS),
+             "--device", "cpu", "--no-progress"])
+    cache = RefLogProbCache.open(out)
+    same = RefLogProbCache.build(real.model, real.examples[:6], tmp_path / "folder",
+                                 fingerprint=real.fp, batch_tokens=BATCH_TOKENS)
+    assert len(cache) == 6 and cache.fingerprint["model_weights"] == real.fp["model_weights"]
+    assert torch.equal(cache.lookup(real.examples[:6]), same.lookup(real.examples[:6]))

@@ -462,6 +462,12 @@ def test_bad_paths_and_inputs_give_one_message_each(setup, tmp_path):
         return a
 
     hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # a hub id whose files are in the local Hugging Face cache (as a download leaves them)
+    snap = d / "hf" / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    shutil.copytree(s.model_dir, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    cached_hub = {"HF_HOME": d / "hf", "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     cases = {  # name: (args, env, expected exit code, message regex)
         "model path missing": (with_model(d / "no-such-model"), {}, 1,
                                r"--model \S+no-such-model: no such file or directory"),
@@ -498,6 +504,8 @@ def test_bad_paths_and_inputs_give_one_message_each(setup, tmp_path):
                                r"\S+long\.jsonl line 1, .*line 5, \.\.\. \(1 more\)"),
         "csv with a byte-order mark": (with_data(d / "bom.csv"), {}, 0,
                                        r"6 examples \(6 computed, 0 already cached\)"),
+        "hub id in the local cache": (with_model("acme/tiny"), cached_hub, 0,
+                                      r"120 examples \(120 computed, 0 already cached\)"),
     }
 
     def go(item):

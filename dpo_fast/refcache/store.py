@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -217,16 +218,22 @@ def parse_manifest(raw: bytes, path: Path, what: str = "reference cache manifest
         if not isinstance(recs, list):
             raise corrupt_manifest(f"{path}: {field!r} is not a list")
         for i, rec in enumerate(recs):
-            _check_record(rec, f"{path}: {field}[{i}]")
+            _check_record(rec, f"{path}: {field}[{i}]", field == "segments")
     return obj
 
 
-def _check_record(rec: Any, where: str) -> None:
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_record(rec: Any, where: str, segment: bool) -> None:
     ok = (isinstance(rec, dict) and isinstance(rec.get("file"), str)
           and _DATA_FILE.match(rec["file"]) is not None
           and isinstance(rec.get("sha256"), str) and _SHA256.match(rec["sha256"]) is not None
-          and all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool)
-                  and rec[k] >= 0 for k in ("rows", "bytes")))
+          and all(_count(rec.get(k)) for k in ("rows", "bytes", "shard" if segment else "index")))
+    if ok and segment:
+        b = rec.get("batches")
+        ok = isinstance(b, list) and len(b) == 2 and all(_count(x) for x in b)
     if not ok:
         raise corrupt_manifest(f"{where} is not a valid file record ({rec!r}): the manifest "
                                "is damaged")
@@ -376,7 +383,8 @@ def hold_lock(d: Path, timeout: Optional[float] = None,
     Args:
         timeout: seconds to wait for another holder; None waits as long as it takes, 0 does
             not wait.
-        on_wait: called once with a message naming the holder if the lock is busy.
+        on_wait: called once with a message naming the holder if the lock is busy (default:
+            a ``RuntimeWarning`` with that message).
 
     Raises:
         CacheLockedError when ``timeout`` passes; OSError when ``d/.lock`` cannot be created
@@ -402,9 +410,11 @@ def hold_lock(d: Path, timeout: Optional[float] = None,
                          "directory.",
                     cli_hint="Wait for it to finish (drop --no-wait to wait), or use another "
                              "--out.") from None
+            msg = f"waiting for the reference cache at {d}: another writer holds it, {owner}"
             if on_wait is not None:
-                on_wait(f"waiting for the reference cache at {d}: another writer holds it, "
-                        f"{owner}")
+                on_wait(msg)
+            else:
+                warnings.warn(msg, RuntimeWarning, stacklevel=4)
             t0 = time.monotonic()
             try:
                 lock.acquire(timeout=-1 if timeout is None else timeout)
