@@ -786,7 +786,7 @@ def run_build(cls, mode: str, model, examples, path, *, batch_tokens: int = 1638
             torch.distributed.barrier()
             if rank == 0:
                 cls.merge(path, world)
-        if rank == 0:
+        if rank == 0 and (world == 1 or inited):  # (explicit ranks hold only a part's lock)
             after = store.read_manifest(path)
             if compact is True or (compact == "auto" and _should_compact(after, rows_per_shard)):
                 compact_locked(path, rows_per_shard)
