@@ -344,16 +344,13 @@ def _precompute(args: argparse.Namespace, err: TextIO, state: Dict[str, Any]) ->
         raise CliError(f"--model {args.model}: cannot load its tokenizer ({type(e).__name__}: "
                        f"{_first_line(e)})") from e
     names = [f"{args.data} {loc}" for loc in rows.locations]
-    with warnings.catch_warnings(record=True) as seen:  # reported below, with the counts
-        warnings.simplefilter("always", UserWarning)
+    with warnings.catch_warnings():  # skipped identical rows are listed below with the rest
+        warnings.filterwarnings("ignore", r".*chosen == rejected", UserWarning)
         try:  # before loading the model: a bad row fails fast
             examples, dropped = tokenize_dataset(tokenizer, rows, max_length=args.max_length,
                                                  identical=args.identical, row_names=names)
         except ValueError as e:
             raise CliError(str(e)) from None
-    for w in seen:
-        if not issubclass(w.category, UserWarning) or "chosen == rejected" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unique = len({ex.key_bytes for ex in examples})
     err.write(f"dpo-fast: {len(rows)} rows from {args.data}: {unique} examples"
               + (f", {len(examples) - unique} duplicate(s)" if len(examples) > unique else "")

@@ -759,15 +759,21 @@ def run_build(cls, mode: str, model, examples, path, *, batch_tokens: int = 1638
                     man, dropped = compact_locked(path, rows_per_shard, drop_corrupt=True)
                     warnings.warn(f"repair: dropped the damaged shard(s) {dropped} of {path}; "
                                   "their rows are recomputed", RuntimeWarning, stacklevel=3)
-            complete, base_shards, plan = _plan_for(man, *args)
+            planned = _plan_for(man, *args)
             builds = man["builds"] if man is not None else []
-            if builds and not builds[-1]["complete"] and builds[-1]["plan_sha256"] != plan.sha256:
+            if builds and not builds[-1]["complete"] and \
+                    builds[-1]["plan_sha256"] != planned[2].sha256:
                 # an interrupted run of other rows: keep what it saved as a finished build
-                seal_locked(path, man)
-        if inited and world > 1:
+                man = seal_locked(path, man)
+                planned = _plan_for(man, *args)
+        if inited and world > 1:  # the other ranks plan from what rank 0 left
             torch.distributed.barrier()
-        man = _checked_manifest(path, fp, per_token)
-        complete, base_shards, plan = _plan_for(man, *args)
+            man = _checked_manifest(path, fp, per_token)
+            planned = _plan_for(man, *args)
+        elif world > 1:  # explicit ranks: each plans from the finished builds on its own
+            man = _checked_manifest(path, fp, per_token)
+            planned = _plan_for(man, *args)
+        complete, base_shards, plan = planned
         builds = man["builds"] if man is not None else []
 
         done_already = not plan.shards or (

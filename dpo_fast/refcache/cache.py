@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -468,14 +469,8 @@ class RefLogProbCache:
         new["shards"] = base_shards + records
         store.write_manifest(path, new)
         for d in part_dirs:
-            _rmtree(d)
+            shutil.rmtree(d, ignore_errors=True)
         store.remove_temps(path)
         store.remove_unlisted(path, (s["file"] for s in new["shards"]))
         store.fsync_dir(path)
         return cls.open(path)
-
-
-def _rmtree(d: Path) -> None:
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
