@@ -100,10 +100,12 @@ setup(
         "pyyaml",
         "transformers",
         "datasets",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest"],
         "flash": ["flash-attn"],
+        "lora": ["peft"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
     },
     entry_points={"console_scripts": ["dpo-fast=dpo_fast.cli:main"]},

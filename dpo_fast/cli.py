@@ -51,68 +51,59 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """Progress display for :meth:`dpo_fast.RefLogProbCache.build`'s ``progress`` callback.
+    """A tqdm bar for :meth:`dpo_fast.RefLogProbCache.build`'s ``progress`` callback.
 
     Shows examples done / total, tokens/s (this run's computed tokens over its elapsed time)
-    and the ETA (remaining tokens at that rate). On a terminal the line is redrawn in place at
-    most every ``min_interval`` seconds; on a pipe or file a plain line is written at most
-    every ``log_interval`` seconds. :meth:`finish` ends it with one summary line.
+    and the ETA (remaining tokens at that rate). Redrawn at most every ``min_interval``
+    seconds on a terminal, every ``log_interval`` seconds otherwise; :meth:`finish` closes it
+    and writes one summary line.
 
     Args:
         stream: where to write (default ``sys.stderr``).
         total: all examples of the run; those outside the build's plan (already cached)
             count as done. Default: the plan's rows.
         min_interval / log_interval: refresh limits in seconds (terminal / not a terminal).
-        clock: time source (seconds), for tests.
     """
 
     def __init__(self, stream: Optional[TextIO] = None, *, total: Optional[int] = None,
-                 min_interval: float = 0.1, log_interval: float = 10.0, clock=time.monotonic,
-                 width: int = 28):
+                 min_interval: float = 0.1, log_interval: float = 10.0, width: int = 28):
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.total = total
         self.interval = min_interval if self.tty else log_interval
-        self.clock = clock
         self.width = width
-        self.last_draw: Optional[float] = None
+        self.bar = None
         self.last: Optional[BuildProgress] = None
-        self.drawn = 0
-        self._line_len = 0
 
-    def format(self, p: BuildProgress) -> str:
-        total = p.rows_total if self.total is None else self.total
-        done = total - (p.rows_total - p.rows_done)
-        frac = done / total if total else 1.0
-        filled = int(round(frac * self.width))
+    def status(self, p: BuildProgress) -> str:
+        """``"<rate> tok/s | ETA <mm:ss>"`` of progress ``p``."""
         rate = p.tokens_computed / p.elapsed_s if p.elapsed_s > 0 else 0.0
         left = p.tokens_total - p.tokens_done
         eta = left / rate if rate > 0 else (0.0 if left == 0 else float("nan"))
-        return (f"precompute [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
-                f"examples | {rate:,.0f} tok/s | ETA {_fmt_duration(eta)}")
+        return f"{rate:,.0f} tok/s | ETA {_fmt_duration(eta)}"
 
     def __call__(self, p: BuildProgress) -> None:
+        from tqdm.auto import tqdm
+
         self.last = p
-        now = self.clock()
-        if p.event in ("batch", "checkpoint", "shard") and self.last_draw is not None \
-                and now - self.last_draw < self.interval:
-            return
-        if p.event == "done" and not self.tty:
-            return  # the summary line follows
-        self.last_draw = now
-        line = self.format(p)
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._line_len))
-            self._line_len = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.drawn += 1
+        total = p.rows_total if self.total is None else self.total
+        if self.bar is None:
+            # The status rides in tqdm's description field (a postfix would get a ", ").
+            self.bar = tqdm(total=total, file=self.stream, desc=self.status(p), ascii=".#",
+                            mininterval=self.interval, miniters=1, ncols=1000, leave=True,
+                            bar_format="precompute [{bar:%d}] {n}/{total} examples | {desc}"
+                            % self.width)
+        done = total - (p.rows_total - p.rows_done)
+        self.bar.set_description_str(self.status(p), refresh=False)
+        self.bar.update(done - self.bar.n)
+        if p.event == "done":
+            self.bar.refresh()
 
     def finish(self, summary: str) -> None:
-        """Ends the bar's line (terminal) and writes ``summary`` on its own line."""
-        if self.tty and self.drawn:
-            self.stream.write("\n")
+        """Closes the bar and writes ``summary`` on its own line."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         self.stream.write(summary + "\n")
         self.stream.flush()
 

@@ -59,7 +59,7 @@ holds the directory's lock for the whole job.
 
 from .build import BuildProgress
 from .cache import RefLogProbCache
-from .fingerprint import FINGERPRINT_FIELDS, WEIGHT_METHODS, fingerprint
+from .fingerprint import FINGERPRINT_FIELDS, WEIGHT_METHODS, fingerprint, tokenizer_hash
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -79,6 +79,7 @@ __all__ = [
     "RefLogProbCache",
     "BuildProgress",
     "fingerprint",
+    "tokenizer_hash",
     "hold_lock",
     "lock_owner",
     "RefCacheError",

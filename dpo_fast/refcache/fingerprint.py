@@ -131,7 +131,9 @@ def _weights_files_hash(model) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_hash(tokenizer) -> Optional[str]:
+def tokenizer_hash(tokenizer) -> Optional[str]:
+    """SHA-256 of what makes a tokenizer tokenize (pipeline, vocabulary, special and added
+    tokens, chat template); None for no tokenizer."""
     if tokenizer is None:
         return None
     special = {a: str(getattr(tokenizer, a, None)) for a in
@@ -205,7 +207,7 @@ def fingerprint(model, tokenizer=None, *, max_length: Optional[int] = None,
         "model_config": _config_hash(model),
         "model_weights": wh,
         "model_weights_method": WEIGHT_METHODS[weights],
-        "tokenizer": _tokenizer_hash(tokenizer),
+        "tokenizer": tokenizer_hash(tokenizer),
         "max_length": max_length,
         "truncation": truncation,
         "softcap": softcap,

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import socket
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import numpy as np
 
 from ..data import KEY_BYTES
+from ..fileio import TMP_MARK, atomic_write, fsync_dir, json_bytes  # noqa: F401 (re-exported)
 
 LOGPROB_VERSION = 1
 FORMAT = "dpo_fast.refcache"
@@ -39,7 +39,6 @@ LOCK_OWNER = ".lock-owner.json"
 KEY_DEFINITION = ("first 16 bytes of SHA-256(b'dpo_fast/pref/v1\\0' + uint64-LE lengths of "
                   "prompt, chosen, rejected + their int32-LE ids)")
 PART_NAME = "part-{:05d}"
-TMP_MARK = ".tmp-"
 SHARD_TENSORS = ("keys", "chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths")
 TOKEN_TENSORS = ("token_logps", "token_offsets")
 # What a manifest may name: shard-<index>[-g<generation>] and seg-<index>-<first batch>[-g<gen>].
@@ -138,33 +137,6 @@ def corrupt_manifest(message: str) -> CorruptCacheError:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path``: temp name in the same dir, fsync, rename, fsync the dir."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _manifest_digest(man: Dict[str, Any]) -> str:

@@ -1,0 +1,265 @@
+"""Padding-free batches: the data order of an epoch, micro-batches by token budget, packing.
+
+Order: per epoch the pairs are permuted by ``(seed, epoch)``, cut into buckets of
+``bucket_steps`` optimizer steps, sorted by length inside a bucket (so a step holds pairs of
+similar length and packs tightly), cut into steps of ``batch_size`` pairs, and the steps are
+permuted again. Everything is a function of ``(seed, epoch)``: a resumed run replays the same
+order and skips the steps already done.
+
+Packing: the 2B sequences of a micro-batch (chosen 0..B-1, then rejected 0..B-1, the fused
+loss's order) are laid end to end in one row of L tokens, with position ids restarting at 0 for
+each sequence and ``seq_index`` naming each position's sequence. Attention must not cross
+sequences: a block-diagonal causal mask ``[1, 1, L, L]`` (bool for sdpa, additive float for
+eager) or, with flash-attn, the varlen kernels transformers picks from the restarting
+position ids. The padded layout (:func:`dpo_fast.pack_pair_batch`) is the fallback.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data import PreferenceExample, pack_pair_batch
+from ..models import model_parts, text_config
+
+IGNORE_INDEX = -100
+
+#: Attention paths (what :func:`attention_path` returns and the run summary reports).
+PACKED_SDPA = "packed-sdpa-block-mask"
+PACKED_EAGER = "packed-eager-block-mask"
+PACKED_FLASH = "packed-flash-varlen"
+PADDED = "padded"
+
+
+def pair_tokens(ex: PreferenceExample) -> int:
+    """Tokens the pair occupies packed: prompt twice plus both responses."""
+    return int(2 * ex.prompt_ids.size + ex.chosen_ids.size + ex.rejected_ids.size)
+
+
+def epoch_steps(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                bucket_steps: int = 16) -> List[np.ndarray]:
+    """The optimizer steps of one epoch: a list of arrays of example indices (the last step
+    may be short).
+
+    Args:
+        lengths: [n] tokens per pair (:func:`pair_tokens`).
+        batch_size: pairs per step.
+        seed, epoch: the order is a function of these alone.
+        bucket_steps: steps per length-sorted bucket.
+    """
+    n = int(lengths.shape[0])
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(n)
+    chunk = batch_size * bucket_steps
+    steps: List[np.ndarray] = []
+    for s in range(0, n, chunk):
+        idx = perm[s:s + chunk]
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        steps.extend(idx[t:t + batch_size] for t in range(0, len(idx), batch_size))
+    order = rng.permutation(len(steps))
+    return [steps[i] for i in order]
+
+
+def split_step(step: Sequence[int], cost: Callable[[Sequence[int]], int], max_tokens: int,
+               max_pairs: Optional[int]) -> List[List[int]]:
+    """Cuts one step's pairs (in order) into micro-batches whose ``cost`` stays within
+    ``max_tokens`` and whose size within ``max_pairs``; a pair over budget runs alone."""
+    out: List[List[int]] = []
+    cur: List[int] = []
+    for i in step:
+        i = int(i)
+        if cur and (cost(cur + [i]) > max_tokens or (max_pairs and len(cur) >= max_pairs)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def packed_cost(examples: Sequence[PreferenceExample]) -> Callable[[Sequence[int]], int]:
+    return lambda idx: sum(pair_tokens(examples[i]) for i in idx)
+
+
+def padded_cost(examples: Sequence[PreferenceExample]) -> Callable[[Sequence[int]], int]:
+    return lambda idx: 2 * len(idx) * max(examples[i].max_sequence_length for i in idx)
+
+
+@dataclass
+class MicroBatch:
+    """Model input and loss targets of B pairs.
+
+    Attributes:
+        layout: "packed" or "padded".
+        num_pairs: B.
+        num_tokens: real (non-padding) tokens, prompts counted per sequence.
+        model_inputs: keyword arguments of the body: packed -> ``input_ids [1, L]``,
+            ``position_ids [1, L]`` and (mask paths) ``attention_mask [1, 1, L, L]``; padded
+            -> ``input_ids [2B, T]``, ``attention_mask [2B, T]``.
+        targets: packed [L] / padded [2B, T] int64 next-token ids, ``IGNORE_INDEX`` off the
+            responses.
+        seq_index: packed [L] int64 sequence of each position (None for padded).
+        keys: uint8 [B, 16] content keys of the pairs (reference-cache lookup).
+    """
+
+    layout: str
+    num_pairs: int
+    num_tokens: int
+    model_inputs: Dict[str, Tensor]
+    targets: Tensor
+    seq_index: Optional[Tensor]
+    keys: np.ndarray
+
+    def to(self, device) -> "MicroBatch":
+        def move(v):
+            if isinstance(v, dict):  # per-layer-type masks
+                return {k: t.to(device, non_blocking=True) for k, t in v.items()}
+            return v.to(device, non_blocking=True)
+
+        mv = {k: move(v) for k, v in self.model_inputs.items()}
+        return MicroBatch(self.layout, self.num_pairs, self.num_tokens, mv,
+                          self.targets.to(device, non_blocking=True),
+                          None if self.seq_index is None else self.seq_index.to(device),
+                          self.keys)
+
+
+def block_causal_mask(seq: Tensor, kind: str, window: Optional[int] = None) -> Tensor:
+    """[1, 1, L, L] causal mask that keeps each sequence of ``seq [L]`` to itself (and, with
+    ``window``, each query to the last ``window`` keys, transformers' sliding window): bool
+    (True = attend; sdpa) or float (0 / -inf added to the scores; eager)."""
+    n = seq.shape[0]
+    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril_()
+    if window is not None:
+        allowed &= torch.ones(n, n, dtype=torch.bool).triu_(-(window - 1))
+    if kind == "bool":
+        return allowed[None, None]
+    return torch.zeros(n, n).masked_fill_(~allowed, float("-inf"))[None, None]
+
+
+def mask_plan(model) -> Optional[Dict[str, Optional[int]]]:
+    """The block masks a packed row needs, as {layer type: sliding window or None}; the key
+    "" means one mask for every layer. None if the model has attention a block mask cannot
+    describe (e.g. chunked or linear attention layers)."""
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False or not isinstance(window, int):
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        known = {"full_attention": None, "sliding_attention": window}
+        if not set(types) <= set(known) or ("sliding_attention" in types and window is None):
+            return None
+        return {t: known[t] for t in sorted(set(types))}
+    return {"": window}
+
+
+def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
+                     pad_token_id: int = 0,
+                     masks: Optional[Dict[str, Optional[int]]] = None) -> MicroBatch:
+    """Builds the :class:`MicroBatch` of ``examples`` for attention ``path`` (one of
+    :data:`PACKED_SDPA`, :data:`PACKED_EAGER`, :data:`PACKED_FLASH`, :data:`PADDED`);
+    ``masks`` is the model's :func:`mask_plan` (default: one full-attention mask)."""
+    b = len(examples)
+    keys = np.frombuffer(b"".join(e.key_bytes for e in examples), dtype=np.uint8).reshape(b, 16)
+    if path == PADDED:
+        pb = pack_pair_batch(examples, pad_token_id=pad_token_id, ignore_index=IGNORE_INDEX)
+        return MicroBatch("padded", b, int(pb.attention_mask.sum()),
+                          {"input_ids": pb.input_ids, "attention_mask": pb.attention_mask},
+                          pb.targets, None, keys)
+    seqs = [(e.prompt_ids, e.chosen_ids) for e in examples] + \
+           [(e.prompt_ids, e.rejected_ids) for e in examples]
+    total = sum(p.size + y.size for p, y in seqs)
+    ids = np.empty(total, np.int64)
+    pos = np.empty(total, np.int64)
+    seq = np.empty(total, np.int64)
+    tgt = np.full(total, IGNORE_INDEX, np.int64)
+    o = 0
+    for s, (p, y) in enumerate(seqs):
+        lp, ly = p.size, y.size
+        ids[o:o + lp] = p
+        ids[o + lp:o + lp + ly] = y
+        pos[o:o + lp + ly] = np.arange(lp + ly)
+        seq[o:o + lp + ly] = s
+        tgt[o + lp - 1:o + lp + ly - 1] = y  # the position before each response token
+        o += lp + ly
+    ids_t, pos_t, seq_t = (torch.from_numpy(a) for a in (ids, pos, seq))
+    inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None]}
+    if path in (PACKED_SDPA, PACKED_EAGER):
+        kind = "bool" if path == PACKED_SDPA else "float"
+        plan = masks if masks is not None else {"": None}
+        built = {t: block_causal_mask(seq_t, kind, w) for t, w in plan.items()}
+        # One mask for all layers, or one per layer type (transformers takes a dict then).
+        inputs["attention_mask"] = built[""] if "" in built else built
+    elif path != PACKED_FLASH:
+        raise ValueError(f"unknown attention path {path!r}")
+    return MicroBatch("packed", b, total, inputs, torch.from_numpy(tgt), seq_t, keys)
+
+
+def attention_path(model, requested: str, device: torch.device) -> str:
+    """Which layout and attention a model can run packed sequences with.
+
+    ``requested``: "auto", "packed" or "padded". Packed rows need attention that keeps the
+    sequences apart: flash-attn's varlen kernels (``flash_attention_2`` on CUDA, driven by the
+    restarting position ids), or a block-diagonal 4D mask with ``sdpa`` (bool) or ``eager``
+    (float). Other implementations (flex_attention, ...) are not relied on: "auto" falls back to
+    padded rows and "packed" raises.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if requested == "padded":
+        return PADDED
+    path = None
+    if mask_plan(model) is None:
+        why = "it has attention layers a block mask cannot describe"
+    elif impl in ("flash_attention_2", "flash_attention_3") and device.type == "cuda":
+        path = PACKED_FLASH
+    elif impl == "sdpa":
+        path = PACKED_SDPA
+    elif impl == "eager":
+        path = PACKED_EAGER
+    else:
+        why = f"its attention implementation is {impl!r}"
+    if path is not None:
+        ok, detail = verify_packing(model, path, device)
+        if ok:
+            return path
+        why = f"a packed forward differs from separate forwards ({detail})"
+    if requested == "packed":
+        raise ValueError(f"attention='packed' is not sound for {type(model).__name__}: {why}; "
+                         "use attention='padded' or 'auto'")
+    warnings.warn(f"{type(model).__name__}: padded batches ({why})", RuntimeWarning,
+                  stacklevel=2)
+    return PADDED
+
+
+@torch.no_grad()
+def verify_packing(model, path: str, device: torch.device) -> Tuple[bool, str]:
+    """Runs two short random sequences alone and packed through the model's body (eval mode)
+    and compares the hidden states: a leak across the sequences moves them by O(1), fp32
+    noise by ~1e-6."""
+    body = model_parts(model).body
+    was = model.training
+    model.eval()
+    try:
+        vocab = min(int(model_parts(model).weight.shape[0]), 1000)
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(3, vocab, (n,), generator=g) for n in (9, 6)]
+        alone = [body(input_ids=s[None].to(device), use_cache=False).last_hidden_state[0]
+                 for s in seqs]
+        ex = PreferenceExample(seqs[0][:4].numpy(), seqs[0][4:].numpy(), seqs[1][1:].numpy())
+        # Packed as one pair: (prompt + chosen) = seqs[0]; (prompt + rejected) shares the prompt.
+        ref2 = torch.cat([seqs[0][:4], seqs[1][1:]])
+        alone[1] = body(input_ids=ref2[None].to(device), use_cache=False).last_hidden_state[0]
+        mb = make_micro_batch([ex], path, masks=mask_plan(model)).to(device)
+        packed = body(**mb.model_inputs, use_cache=False).last_hidden_state[0]
+        want = torch.cat(alone).float()
+        err = (packed.float() - want).abs().max().item()
+        scale = want.abs().max().item()
+        tol = (1e-3 if packed.dtype == torch.float32 else 5e-2) * max(scale, 1.0)
+        return err <= tol, f"max |difference| {err:.3g} at hidden-state scale {scale:.3g}"
+    finally:
+        model.train(was)

@@ -1,0 +1,339 @@
+"""The trainer's settings: one typed dataclass, checked field by field.
+
+Names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL user would look for them
+(``beta``, ``loss_type``, ``learning_rate``, ``lr_scheduler_type``, ``warmup_ratio``,
+``max_grad_norm``, ``logging_steps``, ``eval_steps``, ``save_steps``, ``save_total_limit``,
+``rpo_alpha``, ...). Batching is by pairs per optimizer step (``batch_size``, TRL's
+``per_device_train_batch_size x gradient_accumulation_steps``), cut into padding-free
+micro-batches by a token budget (``max_tokens_per_micro_batch``) and optionally a pair cap
+(``micro_batch_size``); the loss is normalized by the step's pair count, so how a step is cut
+into micro-batches does not change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from ..losses import LOSS_TYPES, REFERENCE_FREE_TYPES
+
+OPTIMIZERS = ("adamw", "rmsprop")
+SCHEDULERS = ("linear", "cosine", "constant")
+BAD_ROW_POLICIES = ("skip", "error")
+TRUNCATION_MODES = ("keep_start", "drop")
+ATTENTION_MODES = ("auto", "packed", "padded")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a DPO run needs. Only ``model`` and ``train_data`` are required.
+
+    Model:
+        model: a local model directory (``config.json``), or a hub id already in the local
+            Hugging Face cache. (A loaded model object can be given to :class:`Trainer`.)
+        tokenizer: tokenizer path / id (default: ``model``).
+        ref_model: the reference model's path / id; default None = the initial policy. Either
+            way its log-probs go into the reference cache before training and the reference
+            model is freed: training holds the policy only.
+        dtype: the policy's parameter dtype: "auto" (float32), "float32", "bfloat16".
+        precision: "fp32", or "bf16" = bf16 autocast of the body with fp32 weights (the fp32
+            weights are the master copy; the LM head runs in bf16 through the fused op).
+        device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N".
+        attention: "auto", "packed" (padding-free rows; fails if the model's attention cannot
+            keep packed sequences apart), "padded".
+        gradient_checkpointing: recompute the body's activations in backward.
+        torch_compile: ``torch.compile`` the body.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA adapters via ``peft``
+            (``pip install peft``) when ``lora_r`` is set; the LM head is frozen.
+        disable_dropout: set every dropout probability to 0 (TRL's default).
+
+    Data:
+        train_data: a .jsonl / .json / .csv / .parquet file, a saved ``datasets`` directory, a
+            ``datasets.Dataset`` / ``DatasetDict``, a list of dicts, or a ``datasets`` hub name.
+        eval_data: the held-out split in any of those forms; or None to split off
+            ``eval_fraction`` of ``train_data`` (by ``eval_group_column`` if given, e.g. the
+            movie of a review pair, so no group is on both sides).
+        prompt_column, chosen_column, rejected_column: column names. Without a prompt column
+            the prompt is the shared prefix of chosen and rejected (TRL's implicit prompt).
+        max_length: tokens of prompt + response kept (TRL's default 1024); None = no limit.
+        truncation_mode: "keep_start" cuts ``prompt + response`` to its first ``max_length``
+            tokens (TRL's default); "drop" leaves out rows that would be cut.
+        bad_rows: "skip" (count them in the summary, with a warning naming the first rows) or
+            "error" (stop before training, naming the row and the field).
+        data_cache_dir: where tokenized data is kept so a second run does not re-tokenize
+            (default ``$DPO_FAST_CACHE/tokenized``); "" turns the cache off.
+
+    Loss:
+        loss_type: a name of :data:`dpo_fast.LOSS_TYPES` or a list of them.
+        loss_weights: one weight per loss type (TRL's ``loss_weights``).
+        beta, label_smoothing, simpo_gamma, cpo_alpha, orpo_lambda, discopop_tau: as in
+            :func:`dpo_fast.preference_loss`.
+        rpo_alpha: weight of an SFT (NLL) term on the chosen response (RPO); None = off.
+
+    Optimization:
+        optimizer: "adamw" (default) or "rmsprop" (the DPO paper's).
+        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon.
+        lr_scheduler_type: "linear" (decay to 0), "cosine", "constant"; after
+            ``warmup_steps`` (or ``warmup_ratio`` of all steps) of linear warm-up from 0.
+        num_train_epochs, max_steps: run length (``max_steps > 0`` wins).
+        batch_size: preference pairs per optimizer step.
+        micro_batch_size: at most this many pairs per forward/backward (None = token budget
+            only).
+        max_tokens_per_micro_batch: token budget of one packed micro-batch (the 2B sequences,
+            prompts counted twice). A pair longer than the budget runs alone.
+        max_grad_norm: gradient clipping (None or 0 = off).
+        seed: data order, initialization of adapters, dropout.
+        max_bad_steps: stop after this many steps in a row with a non-finite loss / gradient
+            (each is skipped with a warning).
+
+    Run:
+        output_dir: metrics.jsonl, checkpoints, the final model.
+        ref_cache_dir: the reference cache (default ``<output_dir>/ref_cache``).
+        logging_steps, eval_steps (None = only before and after training), save_steps (None =
+            no periodic checkpoint), save_total_limit (checkpoints kept).
+        resume_from_checkpoint: None, True (the latest in ``output_dir``) or a checkpoint dir.
+        save_final_model: ``save_pretrained`` the policy (+ tokenizer) into ``output_dir``.
+        merge_lora: with LoRA, also save the merged full model in ``output_dir/merged``.
+        impl: kernel backend of the fused ops ("auto", "cpu", "torch", "triton", ...).
+        ref_batch_tokens: padded token budget of the reference cache's forward batches.
+    """
+
+    model: Optional[str] = None
+    train_data: Any = None
+    tokenizer: Optional[str] = None
+    ref_model: Optional[str] = None
+    dtype: str = "auto"
+    precision: str = "fp32"
+    device: str = "auto"
+    attention: str = "auto"
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    lora_r: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: Union[str, List[str]] = "all-linear"
+    disable_dropout: bool = True
+
+    eval_data: Any = None
+    eval_fraction: float = 0.0
+    eval_group_column: Optional[str] = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_length: Optional[int] = 1024
+    truncation_mode: str = "keep_start"
+    bad_rows: str = "skip"
+    data_cache_dir: Optional[str] = None
+
+    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_weights: Optional[List[float]] = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: Optional[float] = None
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    orpo_lambda: Optional[float] = None
+    discopop_tau: float = 0.05
+
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    micro_batch_size: Optional[int] = None
+    max_tokens_per_micro_batch: int = 4096
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 42
+    max_bad_steps: int = 5
+
+    output_dir: str = "dpo_fast_output"
+    ref_cache_dir: Optional[str] = None
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: Optional[int] = 500
+    save_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Union[None, bool, str] = None
+    save_final_model: bool = True
+    merge_lora: bool = False
+    impl: str = "auto"
+    ref_batch_tokens: int = 16384
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def loss_types(self) -> List[str]:
+        """The loss types, with "sft" appended when ``rpo_alpha`` is set."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if self.rpo_alpha is not None and "sft" not in types:
+            types.append("sft")
+        return types
+
+    @property
+    def loss_type_weights(self) -> Optional[List[float]]:
+        """``loss_weights`` matching :attr:`loss_types` (``rpo_alpha`` last), or None."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if self.rpo_alpha is None or "sft" in types:
+            return None if self.loss_weights is None else list(self.loss_weights)
+        base = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(types)
+        return base + [float(self.rpo_alpha)]
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every loss type is reference-free (simpo, orpo, cpo, sft)."""
+        return any(t not in REFERENCE_FREE_TYPES + ("sft",) for t in self.loss_types)
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`dpo_fast.fused_preference_loss` for the loss."""
+        types = self.loss_types
+        kw: Dict[str, Any] = dict(loss_type=types[0] if len(types) == 1 else types,
+                                  loss_weights=self.loss_type_weights, beta=self.beta,
+                                  label_smoothing=self.label_smoothing)
+        if "simpo" in types:
+            kw["simpo_gamma"] = self.simpo_gamma
+        if "cpo" in types:
+            kw["cpo_alpha"] = self.cpo_alpha
+        if "orpo" in types and self.orpo_lambda is not None:
+            kw["orpo_lambda"] = self.orpo_lambda
+        if "discopop" in types:
+            kw["discopop_tau"] = self.discopop_tau
+        return kw
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able view (data objects given in memory are named by their type)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not (v is None or isinstance(v, (str, int, float, bool, list, dict))):
+                v = f"<{type(v).__name__}>"
+            elif isinstance(v, list) and f.name in ("train_data", "eval_data"):
+                v = f"<list of {len(v)} rows>"
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """A config from a mapping (e.g. parsed YAML); unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+                k, names, 1)) else repr(k) for k in unknown]
+            raise ValueError(f"unknown config key(s): {', '.join(hints)}")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> "TrainConfig":
+        """Checks every field; raises ValueError naming the first bad one. Returns self."""
+
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
+
+        def choice(name: str, options: Sequence[str]) -> None:
+            if getattr(self, name) not in options:
+                raise bad(name, f"one of {list(options)}")
+
+        def integer(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise bad(name, f"an int >= {lo}" + (" or None" if optional else ""))
+
+        def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+                   hi_open: bool = False, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                lb = "(" if lo_open else "["
+                ub = ")" if hi_open else "]"
+                raise bad(name, f"a finite number in {lb}{lo}, {hi}{ub}"
+                          + (" or None" if optional else ""))
+
+        if self.model is None:
+            raise ValueError("TrainConfig.model is required (a model directory or a hub id "
+                             "in the local Hugging Face cache), unless a model object is given "
+                             "to Trainer")
+        if self.train_data is None:
+            raise ValueError("TrainConfig.train_data is required (a data file, a datasets "
+                             "Dataset, a list of dicts or a datasets name)")
+        for name in ("dtype", "precision", "attention", "optimizer", "lr_scheduler_type",
+                     "bad_rows", "truncation_mode"):
+            choice(name, {"dtype": DTYPES, "precision": PRECISIONS, "attention": ATTENTION_MODES,
+                          "optimizer": OPTIMIZERS, "lr_scheduler_type": SCHEDULERS,
+                          "bad_rows": BAD_ROW_POLICIES, "truncation_mode": TRUNCATION_MODES,
+                          }[name])
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if not isinstance(types, (list, tuple)) or not types or \
+                any(t not in LOSS_TYPES for t in types):
+            raise bad("loss_type", f"a name (or list of names) from {list(LOSS_TYPES)}")
+        if self.loss_weights is not None:
+            if not isinstance(self.loss_weights, (list, tuple)) or len(self.loss_weights) != \
+                    len(types) or not all(isinstance(w, (int, float)) and math.isfinite(w)
+                                          for w in self.loss_weights):
+                raise bad("loss_weights", f"a list of {len(types)} finite numbers (one per "
+                          "loss_type)")
+        number("beta", 0.0, lo_open=True)
+        number("label_smoothing", 0.0, 0.5, hi_open=True)
+        number("rpo_alpha", 0.0, optional=True)
+        number("learning_rate", 0.0)
+        number("weight_decay", 0.0)
+        number("adam_beta1", 0.0, 1.0, hi_open=True)
+        number("adam_beta2", 0.0, 1.0, hi_open=True)
+        number("adam_epsilon", 0.0, lo_open=True)
+        number("warmup_ratio", 0.0, 1.0)
+        integer("warmup_steps", 0)
+        number("num_train_epochs", 0.0, lo_open=True)
+        if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or \
+                self.max_steps == 0 or self.max_steps < -1:
+            raise bad("max_steps", "-1 (use num_train_epochs) or an int >= 1")
+        integer("batch_size", 1)
+        integer("micro_batch_size", 1, optional=True)
+        integer("max_tokens_per_micro_batch", 2)
+        number("max_grad_norm", 0.0, optional=True)
+        integer("seed", 0)
+        integer("max_bad_steps", 1)
+        integer("max_length", 2, optional=True)
+        number("eval_fraction", 0.0, 1.0, hi_open=True)
+        integer("logging_steps", 1)
+        integer("eval_steps", 1, optional=True)
+        integer("save_steps", 1, optional=True)
+        integer("save_total_limit", 1, optional=True)
+        integer("lora_r", 1, optional=True)
+        number("lora_alpha", 0.0, lo_open=True)
+        number("lora_dropout", 0.0, 1.0, hi_open=True)
+        integer("ref_batch_tokens", 2)
+        for name in ("prompt_column", "chosen_column", "rejected_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "a non-empty column name")
+        if self.eval_data is not None and self.eval_fraction:
+            raise ValueError("TrainConfig: give eval_data or eval_fraction, not both")
+        if self.eval_group_column is not None and not self.eval_fraction:
+            raise ValueError("TrainConfig.eval_group_column needs eval_fraction > 0")
+        if self.merge_lora and self.lora_r is None:
+            raise ValueError("TrainConfig.merge_lora needs lora_r (there is no adapter to "
+                             "merge)")
+        if self.precision == "bf16" and self.dtype not in ("auto", "float32"):
+            raise ValueError("TrainConfig.precision='bf16' autocasts fp32 weights; use "
+                             f"dtype='float32' (or 'auto') with it, not {self.dtype!r}")
+        return self

@@ -1,0 +1,722 @@
+"""The trainer: preference rows in, a DPO-trained model out, one model in memory.
+
+Data flows one way: rows -> checks -> tokenize (cached) -> content keys -> reference cache
+(:meth:`dpo_fast.RefLogProbCache.ensure`, then the reference model is freed) -> per-epoch order
+-> token-budget micro-batches -> packing -> body forward -> fused head + loss (reference
+log-probs looked up by key) -> backward -> clip -> optimizer -> scheduler. See
+``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..assets import default_cache_dir
+from ..fileio import atomic_write, json_bytes
+from ..models import head_settings, model_parts
+from ..refcache import RefLogProbCache, fingerprint, tokenizer_hash
+from . import batching
+from .batching import (
+    PADDED,
+    attention_path,
+    epoch_steps,
+    make_micro_batch,
+    mask_plan,
+    pair_tokens,
+    split_step,
+)
+from .callbacks import TrainerCallback
+from .checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import DataError, PreparedData, prepare, read_source, split_eval
+from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "run_summary.json"
+CONFIG_FILE = "train_config.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why
+    and what to change."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``epoch`` / ``step_in_epoch`` locate the next step in the
+    deterministic data order; ``num_tokens`` counts input tokens trained on so far."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    num_tokens: int = 0
+    skipped_steps: int = 0
+    bad_streak: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns (also written to ``run_summary.json``).
+
+    Attributes:
+        output_dir: the run directory (metrics.jsonl, checkpoints, the final model).
+        model_dir: where the final model was saved (None if not saved).
+        global_step, epochs: steps done, epochs done (fractional).
+        interrupted: stopped early by SIGINT / SIGTERM after writing a checkpoint.
+        train_metrics: the last logged training metrics.
+        eval_before, eval_after: held-out metrics before the first and after the last step.
+        skipped_rows: reason -> rows left out (train and eval together).
+        skipped_steps: steps skipped for a non-finite loss or gradient.
+        attention: the attention path used ("packed-sdpa-block-mask", "padded", ...).
+        tokens_per_second: input tokens per second of training-step time.
+        peak_memory_mb: peak memory of the loop (CUDA allocated, else process RSS).
+        train_pairs, eval_pairs: examples in each split.
+    """
+
+    output_dir: str
+    model_dir: Optional[str]
+    global_step: int
+    epochs: float
+    interrupted: bool
+    train_metrics: Dict[str, float]
+    eval_before: Dict[str, float]
+    eval_after: Dict[str, float]
+    skipped_rows: Dict[str, int]
+    skipped_steps: int
+    attention: str
+    tokens_per_second: float
+    peak_memory_mb: float
+    train_pairs: int
+    eval_pairs: int
+    train_seconds: float
+    checkpoint: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device={name!r} but CUDA is not available")
+    return dev
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout probability 0 everywhere (modules and attention-dropout attributes)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the base learning rate at scheduler step ``s`` (0-based): linear warm-up
+    from 0 over ``warmup`` steps, then linear decay to 0 / cosine to 0 / constant."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return s / warmup
+        if kind == "constant":
+            return 1.0
+        frac = (s - warmup) / max(1, total - warmup)
+        frac = min(max(frac, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _load_model(name: str, dtype: torch.dtype, device: torch.device, what: str):
+    from transformers import AutoModelForCausalLM
+
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    local = Path(name).is_dir()
+    kw = {} if local else {"local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1"}
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                         attn_implementation=attn, **kw)
+        except (ValueError, ImportError) as e:
+            if "attn" not in str(e).lower() and "attention" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"TrainConfig.{what}={name!r}: cannot load the model "
+                         f"({type(e).__name__}: {text})") from e
+    return model.to(device)
+
+
+class _SignalStop:
+    """SIGINT / SIGTERM set a flag the loop checks after each step (a second one raises
+    KeyboardInterrupt at once)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._prev: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._prev[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+        return False
+
+
+# ------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """DPO (and every loss type of :func:`dpo_fast.preference_loss`) on a Hugging Face causal LM.
+
+    Args:
+        config: a :class:`TrainConfig` (checked here).
+        model: optionally a loaded causal LM to train (else ``config.model`` is loaded).
+        tokenizer: optionally a loaded tokenizer (else from ``config.tokenizer`` /
+            ``config.model``).
+        callbacks: :class:`TrainerCallback` objects.
+
+    ``train()`` runs everything and returns a :class:`TrainResult`; ``evaluate()`` computes
+    held-out metrics of the current policy. After ``train()``, ``model`` is the trained policy.
+    """
+
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None,
+                 callbacks: Sequence[TrainerCallback] = ()):
+        if model is not None and config.model is None:
+            config.model = getattr(getattr(model, "config", None), "_name_or_path", None) \
+                or "<model object>"
+        self.config = config.validate()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.callbacks = list(callbacks)
+        self.device = _resolve_device(config.device)
+        self.output_dir = Path(config.output_dir)
+        self.state = TrainState()
+        self.train_data: Optional[PreparedData] = None
+        self.eval_data: Optional[PreparedData] = None
+        self.attention = PADDED
+        self._ref_train: Optional[np.ndarray] = None
+        self._ref_eval: Optional[np.ndarray] = None
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _stage(self, message: str) -> None:
+        self._emit("on_stage", message)
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- preparation ------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name = self.config.tokenizer or self.config.model
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(name)
+            except Exception as e:
+                raise ValueError(f"TrainConfig.tokenizer: cannot load a tokenizer from "
+                                 f"{name!r} ({type(e).__name__}: {e})") from e
+        tok = self.tokenizer
+        if tok.pad_token_id is None and tok.eos_token_id is not None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def prepare_data(self) -> None:
+        """Reads, checks, splits and tokenizes the data (``train_data`` / ``eval_data``)."""
+        cfg = self.config
+        tok = self._load_tokenizer()
+        cols = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
+        cache = None if cfg.data_cache_dir == "" else Path(
+            cfg.data_cache_dir or default_cache_dir() / "tokenized")
+        th = tokenizer_hash(tok)
+        self._stage("reading the data")
+        rows, names, pre = read_source(cfg.train_data, what="train_data", bad_rows=cfg.bad_rows)
+        ev_rows = ev_names = None
+        ev_pre: Dict[str, List[str]] = {}
+        if cfg.eval_data is not None:
+            split = "test"
+            import datasets
+
+            if isinstance(cfg.eval_data, datasets.DatasetDict):
+                split = next((s for s in ("test", "validation", "eval") if s in cfg.eval_data),
+                             "test")
+            ev_rows, ev_names, ev_pre = read_source(cfg.eval_data, what="eval_data", split=split,
+                                                    bad_rows=cfg.bad_rows)
+        elif cfg.eval_fraction:
+            rows, names, ev_rows, ev_names = split_eval(rows, names, cfg.eval_fraction, cfg.seed,
+                                                        cfg.eval_group_column)
+        self._stage(f"tokenizing {len(rows) + (len(ev_rows) if ev_rows is not None else 0)} "
+                    "rows")
+        kw = dict(columns=cols, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
+                  bad_rows=cfg.bad_rows, cache_dir=cache, tok_hash=th)
+        self.train_data = prepare(rows, names, tok, pre_skipped=pre, **kw)
+        self.eval_data = prepare(ev_rows, ev_names, tok, pre_skipped=ev_pre, **kw) \
+            if ev_rows is not None else None
+        for what, d in (("train", self.train_data), ("eval", self.eval_data)):
+            if d is not None and d.skipped:
+                msg = f"{what} data: {sum(d.skipped.values())} of {d.total_rows} rows " \
+                      f"skipped:\n{d.describe_skipped()}"
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                self._stage(msg)
+        if not self.train_data.examples:
+            raise DataError(f"train_data: no usable rows ({self.train_data.total_rows} read)"
+                            + (f":\n{self.train_data.describe_skipped()}"
+                               if self.train_data.skipped else ""))
+        if self.eval_data is not None and not self.eval_data.examples:
+            raise DataError(f"eval_data: no usable rows ({self.eval_data.total_rows} read)")
+
+    def _model_dtype(self) -> torch.dtype:
+        return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[self.config.dtype]
+
+    def prepare_reference(self) -> None:
+        """Fills the reference cache for train + eval examples and looks their values up; the
+        reference model (if separate) is loaded, used and freed here."""
+        cfg = self.config
+        if not cfg.needs_reference:
+            return
+        path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else self.output_dir / "ref_cache"
+        examples = list(self.train_data.examples)
+        if self.eval_data is not None:
+            examples += self.eval_data.examples
+        ref = self.model
+        if cfg.ref_model is not None:
+            self._stage(f"loading the reference model {cfg.ref_model}")
+            ref = _load_model(cfg.ref_model, self._model_dtype(), self.device, "ref_model")
+        self._stage(f"reference log-probs -> {path}")
+        fp = fingerprint(ref, self.tokenizer, max_length=cfg.max_length)
+
+        def progress(p):
+            self._emit("on_ref_progress", p)
+
+        cache = RefLogProbCache.ensure(ref, examples, path, fingerprint=fp,
+                                       batch_tokens=cfg.ref_batch_tokens, progress=progress)
+        if ref is not self.model:
+            del ref
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        tables = []
+        for split in (self.train_data, self.eval_data):
+            if split is None:
+                tables.append(None)
+                continue
+            c, r = cache.lookup([e.key_bytes for e in split.examples], split=True)
+            tables.append(np.stack([c.numpy(), r.numpy()], axis=1))
+        self._ref_train, self._ref_eval = tables
+
+    def prepare_model(self) -> None:
+        """Loads the policy (if not given), then dropout, checkpointing, LoRA, compile."""
+        cfg = self.config
+        if self.model is None:
+            self._stage(f"loading {cfg.model}")
+            self.model = _load_model(cfg.model, self._model_dtype(), self.device, "model")
+        else:
+            self.model.to(self.device)
+        model_parts(self.model)  # refuses a model whose head it cannot find, by class name
+        cfg_obj = getattr(self.model, "config", None)
+        if cfg_obj is not None and hasattr(cfg_obj, "use_cache"):
+            cfg_obj.use_cache = False
+
+    def _setup_training(self) -> None:
+        cfg = self.config
+        model = self.model
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        if cfg.lora_r is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as e:
+                raise ValueError("TrainConfig.lora_r needs peft: pip install peft") from e
+            targets = cfg.lora_target_modules
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              lora_dropout=cfg.lora_dropout, target_modules=targets,
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+            self.model = model
+        if cfg.gradient_checkpointing:
+            kw = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:  # its name before transformers 5.2x
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.train()
+        self.parts = model_parts(model)
+        self.body = torch.compile(self.parts.body) if cfg.torch_compile else self.parts.body
+        softcap, temperature = head_settings(model, None, 1.0)
+        compute = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.head = HeadSpec(softcap, temperature, compute, cfg.impl)
+        self.attention = attention_path(model, cfg.attention, self.device)
+        self._masks = mask_plan(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameter")
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.RMSprop(self.params, lr=cfg.learning_rate,
+                                                 weight_decay=cfg.weight_decay)
+        n = len(self.train_data.examples)
+        per_epoch = math.ceil(n / cfg.batch_size)
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs
+                                                                  * per_epoch)
+        self.steps_per_epoch = per_epoch
+        warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total))
+        self.state = TrainState(max_steps=total)
+        self._lengths = np.array([pair_tokens(e) for e in self.train_data.examples])
+        self._cost = (batching.padded_cost if self.attention == PADDED
+                      else batching.packed_cost)(self.train_data.examples)
+
+    # -- computing --------------------------------------------------------------------
+
+    def _micro_batches(self, examples, idx: Sequence[int]):
+        cfg = self.config
+        cost = (batching.padded_cost if self.attention == PADDED
+                else batching.packed_cost)(examples)
+        return split_step(idx, cost, cfg.max_tokens_per_micro_batch, cfg.micro_batch_size)
+
+    def _ref(self, table: Optional[np.ndarray], idx: Sequence[int]) -> Optional[torch.Tensor]:
+        if table is None:
+            return None
+        sel = table[np.asarray(idx)]
+        return torch.from_numpy(np.concatenate([sel[:, 0], sel[:, 1]])).to(self.device)
+
+    def _run_micro(self, examples, table, idx: Sequence[int]):
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        mb = make_micro_batch([examples[i] for i in idx], self.attention, pad or 0,
+                              masks=self._masks)
+        mb = mb.to(self.device)
+        out = micro_batch_loss(self.parts, mb, self._ref(table, idx), self.head,
+                               self.config.loss_kwargs(), precision=self.config.precision,
+                               body=self.body)
+        return mb, out
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out metrics (``eval/loss``, ``eval/rewards/accuracies``, ...) of the current
+        policy; {} without an eval split."""
+        if self.eval_data is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        ex = self.eval_data.examples
+        order = np.argsort([pair_tokens(e) for e in ex], kind="stable")
+        sums = {k: 0.0 for k in STAT_KEYS}
+        for idx in self._micro_batches(ex, order.tolist()):
+            mb, out = self._run_micro(ex, self._ref_eval, idx)
+            for k, v in batch_stats(out, mb).items():
+                sums[k] += float(v)
+        self.model.train(was_training)
+        return summarize(sums, "eval/")
+
+    def _train_step(self, idx: np.ndarray) -> Dict[str, Any]:
+        """One optimizer step over the pairs ``idx``: micro-batches, backward, clip, step."""
+        cfg = self.config
+        ex = self.train_data.examples
+        n_pairs = len(idx)
+        sums = {k: torch.zeros((), dtype=torch.float64) for k in STAT_KEYS}
+        for mb_idx in self._micro_batches(ex, idx.tolist()):
+            mb, out = self._run_micro(ex, self._ref_train, mb_idx)
+            # Normalized by the step's pair count: cutting a step into micro-batches differently
+            # (or accumulating) gives the same gradient.
+            (out.loss * (mb.num_pairs / n_pairs)).backward()
+            for k, v in batch_stats(out, mb).items():
+                sums[k] += v.cpu()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        finite = bool(torch.isfinite(norm)) and math.isfinite(float(sums["loss"]))
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"sums": sums, "grad_norm": float(norm), "learning_rate": lr, "finite": finite}
+
+    # -- the run ----------------------------------------------------------------------
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {**asdict(self.state), "config": self.config.to_dict(),
+                "attention": self.attention}
+
+    def _save(self) -> Path:
+        d = save_checkpoint(self.output_dir, self.state.global_step, self.model, self.optimizer,
+                            self.scheduler, self._trainer_state(),
+                            keep=self.config.save_total_limit)
+        self._emit("on_save", self.state, d)
+        return d
+
+    def _resume(self) -> Optional[Path]:
+        cfg = self.config
+        r = cfg.resume_from_checkpoint
+        if r is None or r is False:
+            return None
+        d = find_resumable(self.output_dir) if r is True else Path(r)
+        if d is None:
+            self._stage(f"no checkpoint in {self.output_dir}: starting from step 0")
+            return None
+        try:
+            st = load_checkpoint(d, self.model, self.optimizer, self.scheduler)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {e})") from e
+        keep = {k: st[k] for k in asdict(self.state) if k in st}
+        self.state = TrainState(**{**keep, "max_steps": self.state.max_steps})
+        self._stage(f"resumed from {d} at step {self.state.global_step}")
+        # Metrics after the checkpoint belong to the interrupted run and are replayed now.
+        mf = self.output_dir / METRICS_FILE
+        if mf.is_file():
+            kept = [ln for ln in mf.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state.global_step]
+            atomic_write(mf, ("\n".join(kept) + "\n" if kept else "").encode())
+        return d
+
+    def train(self) -> TrainResult:
+        """Runs the whole pipeline and returns the :class:`TrainResult`."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.output_dir / CONFIG_FILE, json_bytes(cfg.to_dict()))
+        self.prepare_data()
+        self.prepare_model()
+        self.prepare_reference()
+        self._setup_training()
+        resumed = self._resume()
+        if resumed is None:
+            (self.output_dir / METRICS_FILE).write_text("", encoding="utf-8")
+        st = self.state
+        eval_before: Dict[str, float] = {}
+        if resumed is None and self.eval_data is not None:
+            self._stage(f"evaluating {len(self.eval_data.examples)} held-out pairs")
+            eval_before = self.evaluate()
+            self._log({"step": 0, **eval_before})
+            self._emit("on_evaluate", st, eval_before)
+        self._stage(f"training: {len(self.train_data.examples)} pairs, {st.max_steps} steps of "
+                    f"{cfg.batch_size} pairs, attention {self.attention}, device {self.device}")
+        last_logs: Dict[str, float] = {}
+        window = {k: 0.0 for k in STAT_KEYS}
+        window_steps, window_time = 0, 0.0
+        last_ckpt: Optional[Path] = None
+        interrupted = False
+        _reset_peak_memory(self.device)
+        self._emit("on_train_begin", st)
+        with _SignalStop() as stop:
+            while st.global_step < st.max_steps:
+                steps = epoch_steps(self._lengths, cfg.batch_size, cfg.seed, st.epoch)
+                while st.step_in_epoch < len(steps) and st.global_step < st.max_steps:
+                    t0 = time.perf_counter()
+                    res = self._train_step(steps[st.step_in_epoch])
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    dt = time.perf_counter() - t0
+                    st.global_step += 1
+                    st.step_in_epoch += 1
+                    st.train_seconds += dt
+                    tokens = int(res["sums"]["tokens"])
+                    st.num_tokens += tokens
+                    if not res["finite"]:
+                        st.skipped_steps += 1
+                        st.bad_streak += 1
+                        warnings.warn(f"step {st.global_step}: non-finite loss or gradient "
+                                      f"(grad norm {res['grad_norm']}); step skipped "
+                                      f"({st.bad_streak} in a row)", RuntimeWarning,
+                                      stacklevel=2)
+                        if st.bad_streak >= cfg.max_bad_steps:
+                            raise TrainingError(
+                                f"{st.bad_streak} steps in a row had a non-finite loss or "
+                                f"gradient (last: step {st.global_step}); lower "
+                                "learning_rate, set max_grad_norm, or check the data and "
+                                "the model's dtype")
+                    else:
+                        st.bad_streak = 0
+                        for k, v in res["sums"].items():
+                            window[k] += float(v)
+                        window_steps += 1
+                    window_time += dt
+                    self._emit("on_step_end", st)
+                    done = st.global_step >= st.max_steps
+                    if st.global_step % cfg.logging_steps == 0 or done:
+                        if window_steps:
+                            last_logs = {
+                                "step": st.global_step,
+                                "epoch": st.epoch + st.step_in_epoch / len(steps),
+                                **summarize(window),
+                                "grad_norm": res["grad_norm"],
+                                "learning_rate": res["learning_rate"],
+                                "num_tokens": st.num_tokens,
+                                "train_tokens_per_second": window["tokens"] / window_time
+                                if window_time else 0.0,
+                                "peak_memory_mb": _peak_memory_mb(self.device),
+                                "skipped_steps": st.skipped_steps,
+                            }
+                            self._log(last_logs)
+                            self._emit("on_log", st, last_logs)
+                        window = {k: 0.0 for k in STAT_KEYS}
+                        window_steps, window_time = 0, 0.0
+                    if cfg.eval_steps and st.global_step % cfg.eval_steps == 0 and not done \
+                            and self.eval_data is not None:
+                        ev = self.evaluate()
+                        self._log({"step": st.global_step, **ev})
+                        self._emit("on_evaluate", st, ev)
+                    if st.step_in_epoch >= len(steps):
+                        st.epoch += 1
+                        st.step_in_epoch = 0
+                    if (cfg.save_steps and st.global_step % cfg.save_steps == 0 and not done) \
+                            or stop.signum is not None:
+                        last_ckpt = self._save()
+                    if stop.signum is not None:
+                        interrupted = True
+                        self._stage(f"stopped by signal {stop.signum} at step "
+                                    f"{st.global_step}; checkpoint {last_ckpt}; resume with "
+                                    "resume_from_checkpoint=True")
+                        break
+                if interrupted:
+                    break
+        peak = _peak_memory_mb(self.device)
+        eval_after: Dict[str, float] = {}
+        model_dir = None
+        if not interrupted:
+            if cfg.save_steps:  # the end state, so a finished run resumes as finished
+                last_ckpt = self._save()
+            if self.eval_data is not None:
+                eval_after = self.evaluate()
+                self._log({"step": st.global_step, **eval_after})
+                self._emit("on_evaluate", st, eval_after)
+            if cfg.save_final_model:
+                model_dir = str(self.save_model(self.output_dir))
+        result = TrainResult(
+            output_dir=str(self.output_dir), model_dir=model_dir, global_step=st.global_step,
+            epochs=st.global_step / self.steps_per_epoch, interrupted=interrupted,
+            train_metrics={k: v for k, v in last_logs.items() if k != "step"},
+            eval_before=eval_before, eval_after=eval_after,
+            skipped_rows=_merge_counts(self.train_data, self.eval_data),
+            skipped_steps=st.skipped_steps, attention=self.attention,
+            tokens_per_second=st.num_tokens / st.train_seconds if st.train_seconds else 0.0,
+            peak_memory_mb=peak, train_pairs=len(self.train_data.examples),
+            eval_pairs=len(self.eval_data.examples) if self.eval_data is not None else 0,
+            train_seconds=st.train_seconds,
+            checkpoint=None if last_ckpt is None else str(last_ckpt))
+        atomic_write(self.output_dir / SUMMARY_FILE, json_bytes(result.to_dict()))
+        self._emit("on_train_end", st, result)
+        return result
+
+    def save_model(self, out: Path) -> Path:
+        """``save_pretrained`` of the policy and tokenizer into ``out`` (LoRA: the adapter;
+        with ``merge_lora`` also the merged model in ``out/merged``). Files are written in a
+        temporary directory and moved in, ``config.json`` last."""
+        import shutil
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in sorted(names, key=lambda n: n in ("config.json", "adapter_config.json")):
+            os.replace(tmp / name, out / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.config.merge_lora:
+            merged = self.model.merge_and_unload()
+            merged.save_pretrained(out / "merged", safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out / "merged")
+            self.model = merged
+        return out
+
+
+def _merge_counts(*splits: Optional[PreparedData]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for s in splits:
+        if s is not None:
+            for k, v in s.skipped.items():
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def train(config: TrainConfig, **kwargs) -> TrainResult:
+    """``Trainer(config, **kwargs).train()``."""
+    return Trainer(config, **kwargs).train()
