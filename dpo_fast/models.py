@@ -64,8 +64,9 @@ def model_parts(model) -> ModelParts:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("model.get_output_embeddings() must return the LM head (a module with "
-                         f"a [V, D] weight), got {type(head).__name__}")
+        raise ValueError(f"{type(model).__name__} is not supported: its "
+                         "get_output_embeddings() must return the LM head (a module with a "
+                         f"[V, D] weight), got {type(head).__name__}")
     body = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
     if body is None or body is model:
         body = getattr(model, "base_model", None)

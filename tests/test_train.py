@@ -749,3 +749,10 @@ def test_torch_compile_of_the_body_gives_the_same_losses(tmp_path):
         Trainer(cfg, model=tiny_model(), tokenizer=tiny_tokenizer()).train()
         got[comp] = [v for _, v in train_losses(cfg.output_dir)]
     assert all(abs(a - b) <= 1e-5 for a, b in zip(got[False], got[True])), got
+
+
+def test_a_model_without_a_known_head_is_refused_by_name(tmp_path):
+    body = transformers.LlamaModel(tiny_config())  # a body without an LM head
+    with pytest.raises(ValueError, match="LlamaModel is not supported"):
+        Trainer(config(tmp_path, word_rows(8), max_steps=1), model=body,
+                tokenizer=tiny_tokenizer()).train()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -215,6 +216,8 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, os.PathLike):
+                v = os.fspath(v)
             if not (v is None or isinstance(v, (str, int, float, bool, list, dict))):
                 v = f"<{type(v).__name__}>"
             elif isinstance(v, list) and f.name in ("train_data", "eval_data"):
