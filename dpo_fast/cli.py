@@ -117,8 +117,17 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import commands
+
     parser = argparse.ArgumentParser(prog="dpo-fast", description="dpo_fast command line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", add_help=False,
+                       help="train a model with DPO (no arguments: the demo run; "
+                            "`dpo-fast train --help` lists every setting)")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_eval_parser(sub)
+    i = sub.add_parser("info", help="versions, available backends (and why not), the machine")
+    i.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p = sub.add_parser(
         "precompute", help="cache the reference model's log-probs of a preference data set",
         description="Compute the reference log-probs of every row of --data with the model in "
@@ -424,7 +433,14 @@ def _interrupted(state: Dict[str, Any]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``dpo-fast``; returns the exit status (0 ok, 1 error, 2 usage,
     130 interrupted)."""
-    args = _parser().parse_args(argv)
+    from . import commands
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # train has its own parser (every TrainConfig field, YAML, key=value overrides)
+        args = argparse.Namespace(command="train", debug="--debug" in argv, rest=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     err = sys.stderr
     from .refcache import RefCacheError
 
@@ -437,19 +453,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "precompute":
             return _precompute(args, err, state)
+        if args.command == "train":
+            return commands.train_command(args.rest, err)
+        if args.command == "eval":
+            return commands.eval_command(args, err)
+        if args.command == "info":
+            return commands.info_command(err)
         return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
         if state.get("bar") is not None and state["bar"].tty and state["bar"].drawn:
             err.write("\n")
-        err.write(f"dpo-fast {args.command}: {_interrupted(state)}\n")
+        what = _interrupted(state) if args.command == "precompute" else (
+            "interrupted; for train, `resume_from_checkpoint=true` continues from the last "
+            "checkpoint")
+        err.write(f"dpo-fast {args.command}: {what}\n")
         return 130
     except Exception as e:
         if args.debug:
             raise
         if isinstance(e, CliError):
             msg, code = str(e), e.code
+        elif isinstance(e, commands.UsageError):
+            msg, code = str(e), 2
         elif isinstance(e, RefCacheError):
             msg = e.message + (f"\n{e.cli_hint}" if e.cli_hint else "")
             code = 1

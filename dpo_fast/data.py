@@ -1,7 +1,7 @@
 """Tokenized preference examples, their content keys, and the padded model input for a batch.
 
 A :class:`PreferenceExample` holds three int32 id arrays: the prompt, the chosen response and
-the rejected response (EOS already appended to each response, see ``LOSSES.md``). Its
+the rejected response (EOS already appended to each response, see ``docs/losses.md``). Its
 :attr:`~PreferenceExample.key` is a content hash of those ids, so a row keeps its key however
 the dataset is shuffled, filtered or re-ordered; the reference log-prob cache
 (:mod:`dpo_fast.refcache`) is indexed by it.

@@ -1,7 +1,7 @@
 """Preference losses on sequence log-probs: every TRL 1.x ``DPOTrainer`` loss type, cDPO label
 smoothing, and the reference-free SimPO / ORPO / CPO losses.
 
-Inputs are per-pair sequence log-probs (sums over response tokens, see ``LOSSES.md``):
+Inputs are per-pair sequence log-probs (sums over response tokens, see ``docs/losses.md``):
 ``pc, pr`` under the policy, ``rc, rr`` under the reference. With ``s_w = pc - rc``,
 ``s_l = pr - rr``, ``h = s_w - s_l``, ``sig`` = sigmoid, ``eps`` = ``label_smoothing``,
 ``|y|`` = response token count and ``a = logp / |y|`` (length-averaged log-prob), the per-pair

@@ -1,5 +1,5 @@
 """preference_loss / dpo_sigmoid_coefficients against an independent float64 oracle written
-from the LOSSES.md table, the known answers listed there, and every validation error."""
+from the docs/losses.md table, the known answers listed there, and every validation error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dpo_fast.losses import LOSS_TYPES, dpo_sigmoid_coefficients, preference_los
 B = 7
 TOL = 1e-5  # fp32, relative to the magnitude of the truth
 
-# ------------------------------------------------------------------ the oracle (LOSSES.md)
+# ------------------------------------------------------------- the oracle (docs/losses.md)
 
 
 def _sig(x):
@@ -26,7 +26,7 @@ def _logsig(x):
 
 def oracle_terms(kind, pc, pr, rc, rr, lc, lr, nll, *, beta, eps,
                  gamma=0.5, tau=0.05, lam=None, alpha=1.0):
-    """Per-pair loss [B] straight from the LOSSES.md table, in whatever dtype it is given."""
+    """Per-pair loss [B] straight from the docs/losses.md table, in whatever dtype it is given."""
     lam = beta if lam is None else lam
     s_w, s_l = pc - rc, pr - rr
     h = s_w - s_l

@@ -10,6 +10,8 @@ Modules (data flows down this list):
 - :mod:`.step` -- one micro-batch: body forward, fused head + preference loss, metric sums;
 - :mod:`.checkpoint` -- atomic checkpoints and exact resume;
 - :mod:`.callbacks` -- hooks and the tqdm progress display;
+- :mod:`.report` -- PNG plots and TensorBoard events from the metrics;
+- :mod:`.sampling` -- sampled responses to held-out prompts and their scores;
 - :mod:`.loop` -- :class:`Trainer` / :func:`train`.
 
 It imports the public surfaces of :mod:`dpo_fast.models`, :mod:`dpo_fast.data`,
@@ -22,6 +24,7 @@ from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import DataError, PreparedData
 from .loop import METRICS_FILE, Trainer, TrainingError, TrainResult, TrainState, train
+from .report import PlotCallback, TensorBoardCallback, write_plots
 
 __all__ = [
     "TrainConfig",
@@ -35,6 +38,9 @@ __all__ = [
     "TrainingError",
     "CheckpointError",
     "PreparedData",
+    "PlotCallback",
+    "TensorBoardCallback",
+    "write_plots",
     "METRICS_FILE",
     "PACKED_SDPA",
     "PACKED_EAGER",

@@ -13,6 +13,9 @@ class TrainerCallback:
     def on_stage(self, trainer, message: str) -> None:
         """A preparation stage starts (reading data, tokenizing, reference cache, ...)."""
 
+    def on_tokenize_progress(self, trainer, done: int, total: int) -> None:
+        """``done`` of ``total`` rows of a split tokenized (not called for cached data)."""
+
     def on_ref_progress(self, trainer, progress) -> None:
         """Reference-cache build progress (:class:`dpo_fast.refcache.BuildProgress`)."""
 
@@ -44,11 +47,22 @@ class ProgressCallback(TrainerCallback):
         self.kw = dict(dynamic_ncols=True, file=self.stream, **tqdm_kwargs)
         self.bar = None
         self.ref_bar = None
+        self.tok_bar = None
 
     def on_stage(self, trainer, message: str) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(f"dpo-fast: {message}", file=self.stream)
+
+    def on_tokenize_progress(self, trainer, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.tok_bar is None:
+            self.tok_bar = tqdm(total=total, desc="tokenizing", unit="row", **self.kw)
+        self.tok_bar.update(done - self.tok_bar.n)
+        if done >= total:
+            self.tok_bar.close()
+            self.tok_bar = None
 
     def on_ref_progress(self, trainer, progress) -> None:
         from tqdm.auto import tqdm
@@ -75,6 +89,7 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, trainer, state, logs: Dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                 margin=f"{logs['rewards/margins']:.3f}",
                                  acc=f"{logs['rewards/accuracies']:.2f}",
                                  tok_s=f"{logs.get('train_tokens_per_second', 0):,.0f}",
                                  refresh=False)

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 from ..losses import LOSS_TYPES, REFERENCE_FREE_TYPES
 
@@ -33,84 +33,110 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class TrainConfig:
     """Everything a DPO run needs. Only ``model`` and ``train_data`` are required.
 
-    Model:
-        model: a local model directory (``config.json``), or a hub id already in the local
-            Hugging Face cache. (A loaded model object can be given to :class:`Trainer`.)
-        tokenizer: tokenizer path / id (default: ``model``).
-        ref_model: the reference model's path / id; default None = the initial policy. Either
-            way its log-probs go into the reference cache before training and the reference
-            model is freed: training holds the policy only.
-        dtype: the policy's parameter dtype: "auto" (float32), "float32", "bfloat16".
-        precision: "fp32", or "bf16" = bf16 autocast of the body with fp32 weights (the fp32
-            weights are the master copy; the LM head runs in bf16 through the fused op).
-        device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N".
-        attention: "auto", "packed" (padding-free rows; fails if the model's attention cannot
-            keep packed sequences apart), "padded".
-        gradient_checkpointing: recompute the body's activations in backward.
-        torch_compile: ``torch.compile`` the body.
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA adapters via ``peft``
-            (``pip install peft``) when ``lora_r`` is set; the LM head is frozen.
-        disable_dropout: set every dropout probability to 0 (TRL's default).
-
-    Data:
-        train_data: a .jsonl / .json / .csv / .parquet file, a saved ``datasets`` directory, a
-            ``datasets.Dataset`` / ``DatasetDict``, a list of dicts, or a ``datasets`` hub name.
-        eval_data: the held-out split in any of those forms; or None to split off
-            ``eval_fraction`` of ``train_data`` (by ``eval_group_column`` if given, e.g. the
-            movie of a review pair, so no group is on both sides).
-        prompt_column, chosen_column, rejected_column: column names. Without a prompt column
-            the prompt is the shared prefix of chosen and rejected (TRL's implicit prompt).
-        max_length: tokens of prompt + response kept (TRL's default 1024); None = no limit.
-        truncation_mode: "keep_start" cuts ``prompt + response`` to its first ``max_length``
-            tokens (TRL's default); "drop" leaves out rows that would be cut.
-        bad_rows: "skip" (count them in the summary, with a warning naming the first rows) or
-            "error" (stop before training, naming the row and the field).
-        data_cache_dir: where tokenized data is kept so a second run does not re-tokenize
-            (default ``$DPO_FAST_CACHE/tokenized``); "" turns the cache off.
-
-    Loss:
-        loss_type: a name of :data:`dpo_fast.LOSS_TYPES` or a list of them.
-        loss_weights: one weight per loss type (TRL's ``loss_weights``).
-        beta, label_smoothing, simpo_gamma, cpo_alpha, orpo_lambda, discopop_tau: as in
-            :func:`dpo_fast.preference_loss`.
-        rpo_alpha: weight of an SFT (NLL) term on the chosen response (RPO); None = off.
-
-    Optimization:
-        optimizer: "adamw" (default) or "rmsprop" (the DPO paper's).
-        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon.
-        lr_scheduler_type: "linear" (decay to 0), "cosine", "constant"; after
-            ``warmup_steps`` (or ``warmup_ratio`` of all steps) of linear warm-up from 0.
-        num_train_epochs, max_steps: run length (``max_steps > 0`` wins).
-        batch_size: preference pairs per optimizer step.
-        micro_batch_size: at most this many pairs per forward/backward (None = token budget
-            only).
-        max_tokens_per_micro_batch: token budget of one packed micro-batch (the 2B sequences,
-            prompts counted twice). A pair longer than the budget runs alone.
-        max_grad_norm: gradient clipping (None or 0 = off).
-        seed: data order, initialization of adapters, dropout.
-        max_bad_steps: stop after this many steps in a row with a non-finite loss / gradient
-            (each is skipped with a warning).
-
-    Run:
-        output_dir: metrics.jsonl, checkpoints, the final model.
-        ref_cache_dir: the reference cache (default ``<output_dir>/ref_cache``).
-        logging_steps, eval_steps (None = only before and after training), save_steps (None =
-            no periodic checkpoint), save_total_limit (checkpoints kept).
-        resume_from_checkpoint: None, True (the latest in ``output_dir``) or a checkpoint dir.
-        save_final_model: ``save_pretrained`` the policy (+ tokenizer) into ``output_dir``.
-        merge_lora: with LoRA, also save the merged full model in ``output_dir/merged``.
-        impl: kernel backend of the fused ops ("auto", "cpu", "torch", "triton", ...).
-        ref_batch_tokens: padded token budget of the reference cache's forward batches.
+    Attributes:
+        model: Policy model: a local Hugging Face model folder (config.json), a hub id already
+            in the local Hugging Face cache, or bundled:smollm2-135m-instruct (the demo model).
+        train_data: Training pairs: a .jsonl / .json / .csv / .parquet file, a saved datasets
+            folder, a datasets name, or bundled:rotten-tomatoes/train (Python: also a
+            datasets.Dataset or a list of dicts).
+        tokenizer: Tokenizer path or id (default: the model's).
+        ref_model: Reference model path or id (default: the initial policy). Its log-probs go
+            into the reference cache before training and it is freed.
+        dtype: Parameter dtype of the policy (auto = float32).
+        precision: fp32, or bf16 = bf16 autocast of the body over fp32 master weights.
+        device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
+        attention: auto (packed if the model keeps packed sequences apart, else padded),
+            packed (fail if it cannot) or padded.
+        gradient_checkpointing: Recompute the body's activations in backward.
+        torch_compile: torch.compile the model body.
+        lora_r: LoRA rank; set it to train peft LoRA adapters (pip install peft) instead of
+            all weights.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        lora_target_modules: LoRA target modules (peft's names, or all-linear).
+        disable_dropout: Set every dropout probability to 0 (as TRL does).
+        eval_data: Held-out pairs in any train_data form, or bundled:rotten-tomatoes/eval.
+        eval_fraction: Without eval_data: the fraction of train_data held out (deterministic,
+            by seed).
+        eval_group_column: With eval_fraction: a column whose values are never split between
+            train and eval (e.g. the movie of a review pair).
+        max_eval_samples: Evaluate on at most this many held-out pairs (evenly spread over the
+            split).
+        prompt_column: Prompt column; if the data has none, the prompt is the shared prefix of
+            chosen and rejected (implicit prompt).
+        chosen_column: Chosen-response column.
+        rejected_column: Rejected-response column.
+        max_length: Tokens of prompt + response kept (TRL's default 1024); null = no limit.
+        truncation_mode: keep_start cuts prompt + response to its first max_length tokens;
+            drop leaves such rows out.
+        bad_rows: skip (count and warn) or error (stop, naming the row and the field) for rows
+            with a missing field, an empty or non-string response, undecodable text, a prompt
+            alone over max_length, or chosen == rejected.
+        data_cache_dir: Tokenized-data cache (default $DPO_FAST_CACHE/tokenized; "" = off).
+        loss_type: A loss name or a list of them: sigmoid, hinge, ipo, exo_pair, nca_pair,
+            robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
+            sigmoid_norm, sft, simpo, orpo, cpo.
+        loss_weights: One weight per loss type (TRL's loss_weights).
+        beta: DPO's beta (IPO's tau, SimPO / CPO temperature).
+        label_smoothing: Label smoothing eps in [0, 0.5) (cDPO, robust, exo_pair, ...).
+        rpo_alpha: Weight of an SFT (NLL) term on the chosen response (RPO); null = off.
+        simpo_gamma: SimPO's target margin.
+        cpo_alpha: CPO's NLL weight.
+        orpo_lambda: ORPO's odds-ratio weight (default: beta).
+        discopop_tau: DiscoPOP's mixing temperature.
+        optimizer: adamw (default) or rmsprop (the DPO paper's).
+        learning_rate: Peak learning rate.
+        weight_decay: Weight decay.
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        adam_epsilon: AdamW epsilon.
+        lr_scheduler_type: linear (decay to 0), cosine or constant, after the warm-up.
+        warmup_steps: Linear warm-up steps from 0 (wins over warmup_ratio).
+        warmup_ratio: Warm-up as a fraction of all steps.
+        num_train_epochs: Epochs (used when max_steps is -1).
+        max_steps: Optimizer steps; -1 = num_train_epochs.
+        batch_size: Preference pairs per optimizer step (TRL's per-device batch x gradient
+            accumulation).
+        micro_batch_size: At most this many pairs per forward/backward (null = token budget
+            only); never changes the loss.
+        max_tokens_per_micro_batch: Token budget of one packed micro-batch (prompt counted for
+            both responses); a longer pair runs alone.
+        max_grad_norm: Gradient clipping norm (null or 0 = off).
+        seed: Data order and initialization seed.
+        max_bad_steps: Stop after this many steps in a row with a non-finite loss or gradient.
+        output_dir: Run directory: metrics, checkpoints, plots, the final model.
+        ref_cache_dir: Reference cache folder (default <output_dir>/ref_cache).
+        logging_steps: Log training metrics every this many steps.
+        eval_steps: Evaluate every this many steps (null = before and after training only).
+        save_steps: Checkpoint every this many steps (null = none).
+        save_total_limit: Checkpoints kept (the newest).
+        resume_from_checkpoint: true = the newest checkpoint in output_dir, or a checkpoint
+            folder; null = start fresh.
+        overwrite_output_dir: Start fresh in an output_dir that holds an earlier run's
+            checkpoints (they, its metrics, plots and TensorBoard events are replaced; its
+            reference cache is kept and reused). Without it such a start is an error.
+        save_final_model: save_pretrained the trained model (+ tokenizer) into output_dir.
+        merge_lora: With LoRA, also save the merged model in output_dir/merged.
+        sample_prompts: Before and after training, sample one response for this many
+            held-out prompts (0 = off) and report them.
+        sample_max_new_tokens: Tokens per sampled response.
+        sample_temperature: Sampling temperature.
+        sample_scorer: Score the samples: vader (sentiment, pip install vaderSentiment) or
+            null.
+        impl: Kernel backend of the fused ops: auto, cpu, torch, triton.
+        ref_batch_tokens: Padded token budget of a reference-cache forward batch.
+        report_to: Extra loggers: tensorboard (when installed) and / or plots (PNG,
+            matplotlib); [] = metrics.jsonl only.
     """
 
     model: Optional[str] = None
     train_data: Any = None
     tokenizer: Optional[str] = None
     ref_model: Optional[str] = None
-    dtype: str = "auto"
-    precision: str = "fp32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
-    attention: str = "auto"
+    attention: Literal["auto", "packed", "padded"] = "auto"
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     lora_r: Optional[int] = None
@@ -122,12 +148,13 @@ class TrainConfig:
     eval_data: Any = None
     eval_fraction: float = 0.0
     eval_group_column: Optional[str] = None
+    max_eval_samples: Optional[int] = None
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     max_length: Optional[int] = 1024
-    truncation_mode: str = "keep_start"
-    bad_rows: str = "skip"
+    truncation_mode: Literal["keep_start", "drop"] = "keep_start"
+    bad_rows: Literal["skip", "error"] = "skip"
     data_cache_dir: Optional[str] = None
 
     loss_type: Union[str, List[str]] = "sigmoid"
@@ -140,13 +167,13 @@ class TrainConfig:
     orpo_lambda: Optional[float] = None
     discopop_tau: float = 0.05
 
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     num_train_epochs: float = 1.0
@@ -165,11 +192,16 @@ class TrainConfig:
     save_steps: Optional[int] = 500
     save_total_limit: Optional[int] = 2
     resume_from_checkpoint: Union[None, bool, str] = None
+    overwrite_output_dir: bool = False
     save_final_model: bool = True
     merge_lora: bool = False
+    sample_prompts: int = 0
+    sample_max_new_tokens: int = 32
+    sample_temperature: float = 1.0
+    sample_scorer: Optional[Literal["vader"]] = None
     impl: str = "auto"
     ref_batch_tokens: int = 16384
-    extra: Dict[str, Any] = field(default_factory=dict)
+    report_to: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ derived values
 
@@ -326,6 +358,15 @@ class TrainConfig:
         number("lora_alpha", 0.0, lo_open=True)
         number("lora_dropout", 0.0, 1.0, hi_open=True)
         integer("ref_batch_tokens", 2)
+        integer("max_eval_samples", 1, optional=True)
+        integer("sample_prompts", 0)
+        integer("sample_max_new_tokens", 1)
+        number("sample_temperature", 0.0, lo_open=True)
+        if self.sample_scorer not in (None, "vader"):
+            raise bad("sample_scorer", "'vader' or None")
+        if not isinstance(self.report_to, (list, tuple)) or \
+                any(r not in ("tensorboard", "plots") for r in self.report_to):
+            raise bad("report_to", "a list of 'tensorboard' / 'plots'")
         for name in ("prompt_column", "chosen_column", "rejected_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "a non-empty column name")
@@ -340,3 +381,56 @@ class TrainConfig:
             raise ValueError("TrainConfig.precision='bf16' autocasts fp32 weights; use "
                              f"dtype='float32' (or 'auto') with it, not {self.dtype!r}")
         return self
+
+
+# ---------------------------------------------------------------------- reference table
+
+README_START = "<!-- config-reference:start (generated from TrainConfig; do not edit) -->"
+README_END = "<!-- config-reference:end -->"
+
+
+def field_docs() -> Dict[str, str]:
+    """Each field's description, from the ``Attributes:`` section of the class docstring."""
+    import docstring_parser
+
+    doc = docstring_parser.parse(TrainConfig.__doc__ or "")
+    return {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
+
+
+def _type_name(t: Any) -> str:
+    text = str(t).replace("typing.", "")
+    return text[len("<class '"):-2] if text.startswith("<class '") else text
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference: one row per field (name, type, default, meaning)."""
+    docs = field_docs()
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        shown = "null" if default is None else json_default(default)
+        rows.append(f"| `{f.name}` | {_type_name(f.type).replace('|', '/')} | `{shown}` | "
+                    f"{docs.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def json_default(v: Any) -> str:
+    import json
+
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def update_readme(path: str) -> bool:
+    """Rewrites the generated block of ``path`` in place; True if it changed."""
+    text = open(path, encoding="utf-8").read()
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    new = text[:a] + "\n" + config_reference_markdown() + text[b:]
+    if new != text:
+        from pathlib import Path
+
+        from ..fileio import atomic_write
+
+        atomic_write(Path(path), new.encode("utf-8"))
+    return new != text
+

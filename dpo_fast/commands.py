@@ -1,0 +1,350 @@
+"""``dpo-fast train``, ``dpo-fast eval`` and ``dpo-fast info`` (``precompute`` is in cli.py).
+
+``train`` parses :class:`dpo_fast.train.TrainConfig` with jsonargparse: a YAML file or a named
+preset (``--config``; default: the ``demo`` preset, the bundled SmolLM2 + Rotten Tomatoes run),
+then ``key=value`` overrides (or ``--key value``), each checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "demo"
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class UsageError(Exception):
+    """A bad command line or config: one message, exit status 2."""
+
+
+def presets() -> Dict[str, Path]:
+    """Named configs shipped with the package: name -> YAML path."""
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_parser():
+    """The jsonargparse parser of ``dpo-fast train`` (every TrainConfig field)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    from .train import TrainConfig
+
+    p = ArgumentParser(
+        prog="dpo-fast train", formatter_class=DefaultHelpFormatter, exit_on_error=False,
+        allow_abbrev=False,
+        description="Train a causal LM with DPO (or another preference loss). With no "
+                    "arguments: the demo run (SmolLM2-135M-Instruct learns to prefer fresh "
+                    "over rotten Rotten Tomatoes reviews; about 10 minutes on 2 CPU cores). "
+                    "Settings come from --config (a YAML file or a preset: "
+                    f"{', '.join(presets())}) and key=value overrides, e.g. "
+                    "`dpo-fast train --config my.yaml learning_rate=5e-7 max_steps=200`.")
+    p.add_argument("--config", action=ActionConfigFile,
+                   help=f"YAML file or preset name ({', '.join(presets())}); default: the "
+                        f"{DEFAULT_PRESET} preset when no --config is given")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    p.set_defaults(report_to=["plots", "tensorboard"])
+    return p
+
+
+def _expand(argv: List[str]) -> List[str]:
+    """``key=value`` -> ``--key=value``; a preset name after ``--config`` -> its YAML path;
+    the default preset first when no ``--config`` is given."""
+    out: List[str] = []
+    names = presets()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            v = argv[i + 1]
+            out += ["--config", str(names[v]) if v in names else v]
+            if v not in names and not Path(v).is_file():
+                raise UsageError(f"--config {v}: no such file or preset (presets: "
+                                 f"{', '.join(names)})")
+            i += 2
+            continue
+        if a.startswith("--config="):
+            v = a.split("=", 1)[1]
+            out.append("--config=" + (str(names[v]) if v in names else v))
+        elif not a.startswith("-") and "=" in a:
+            k, v = a.split("=", 1)
+            out.append(f"--{k.strip()}={v}")
+        else:
+            out.append(a)
+        i += 1
+    if not any(a == "--config" or a.startswith("--config=") for a in out) and \
+            not any(a in ("-h", "--help") for a in out):
+        out = ["--config", str(names[DEFAULT_PRESET])] + out
+    return out
+
+
+def parse_train_args(argv: List[str]):
+    """(TrainConfig, quiet, debug) from a ``dpo-fast train`` command line; UsageError for an
+    unknown key, a wrong type, a bad value or a missing data file."""
+    from jsonargparse import ArgumentError
+
+    from .train import TrainConfig
+
+    parser = train_parser()
+    try:
+        ns = parser.parse_args(_expand(argv))
+    except ArgumentError as e:
+        raise UsageError(_one_line_jsonargparse(str(e))) from None
+    d = ns.as_dict()
+    quiet, debug = d.pop("quiet"), d.pop("debug")
+    d.pop("config", None)
+    d.pop("__path__", None)
+    cfg = TrainConfig(**d)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for what in ("train_data", "eval_data"):
+        v = getattr(cfg, what)
+        if isinstance(v, str) and v.lower().endswith(_DATA_SUFFIXES) and not Path(v).is_file():
+            raise UsageError(f"{what}={v}: no such file")
+    return cfg, quiet, debug
+
+
+def _one_line_jsonargparse(text: str) -> str:
+    """jsonargparse's error as one line; an unknown key gets a did-you-mean."""
+    import dataclasses
+    import difflib
+    import re
+
+    from .train import TrainConfig
+
+    text = " ".join(ln.strip() for ln in text.strip().splitlines() if ln.strip())
+    keys: List[str] = []
+    if "nrecognized arguments:" in text:
+        bad = text.split("rguments:", 1)[1].split()
+        keys = [b.split("=", 1)[0].lstrip("-") for b in bad if b.startswith("--")] or bad
+    keys += re.findall(r"Option '([^']+)' is not accepted", text)
+    if not keys:
+        return text
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    hints = []
+    for k in keys:
+        m = difflib.get_close_matches(k, fields, 1)
+        hints.append(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else ""))
+    return f"unknown key {', '.join(hints)}; `dpo-fast train --help` lists every key"
+
+
+def train_command(argv: List[str], err: TextIO) -> int:
+    """Runs ``dpo-fast train``; returns the exit status."""
+    cfg, quiet, _ = parse_train_args(argv)
+    from .train import ProgressCallback, Trainer
+
+    callbacks = [] if quiet else [ProgressCallback(err)]
+    if quiet:
+        callbacks.append(_LogLines(err))
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    res = Trainer(cfg, callbacks=callbacks).train()
+    err.flush()
+    sys.stdout.write(report(res, time.perf_counter() - t0))
+    sys.stdout.flush()
+    return 0
+
+
+class _LogLines:
+    """--quiet: stage messages and one line per log / eval, no bars."""
+
+    def __init__(self, stream: TextIO):
+        self.s = stream
+
+    def __getattr__(self, name):  # the hooks it does not handle
+        return lambda *a, **k: None
+
+    def on_stage(self, trainer, message):
+        self.s.write(f"dpo-fast: {message}\n")
+
+    def on_log(self, trainer, state, logs):
+        self.s.write(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
+                     f"margin {logs['rewards/margins']:.4f}, accuracy "
+                     f"{logs['rewards/accuracies']:.3f}, "
+                     f"{logs['train_tokens_per_second']:,.0f} tok/s\n")
+
+    def on_evaluate(self, trainer, state, m):
+        self.s.write(f"eval at step {state.global_step}: loss {m['eval/loss']:.4f}, reward "
+                     f"accuracy {m['eval/rewards/accuracies']:.3f}, margin "
+                     f"{m['eval/rewards/margins']:.4f}\n")
+
+
+def report(res, seconds: float) -> str:
+    """The end-of-run report: held-out metrics before / after, sample scores, samples, files."""
+    lines = ["", f"dpo-fast train: {res.global_step} steps in {seconds / 60:.1f} min "
+                 f"({res.tokens_per_second:,.0f} tokens/s training, peak memory "
+                 f"{res.peak_memory_mb / 1024:.2f} GiB, attention {res.attention})"]
+    if res.interrupted:
+        lines.append(f"  interrupted: checkpoint {res.checkpoint}; resume with "
+                     "resume_from_checkpoint=true")
+    b, a = res.eval_before, res.eval_after
+    if b and a:
+        lines.append(f"  held-out ({res.eval_pairs} pairs)      before    after")
+        for k, name in (("eval/rewards/accuracies", "reward accuracy"),
+                        ("eval/rewards/margins", "reward margin"), ("eval/loss", "DPO loss")):
+            lines.append(f"    {name:<24}{b[k]:>8.3f} {a[k]:>8.3f}")
+    if res.sample_score_before is not None and res.sample_score_after is not None:
+        lines.append(f"  mean sentiment (VADER) of {len(res.samples)} sampled reviews of unseen "
+                     f"movies: {res.sample_score_before:+.3f} -> {res.sample_score_after:+.3f}")
+    for s in res.samples[:3]:
+        lines.append(f"    {s['prompt']}")
+        for when in ("before", "after"):
+            if when in s:
+                sc = f" [{s['score_' + when]:+.2f}]" if f"score_{when}" in s else ""
+                lines.append(f"      {when:<7}{sc} {s[when][:150]}")
+    if res.skipped_rows:
+        lines.append(f"  skipped rows: {res.skipped_rows}")
+    out = Path(res.output_dir)
+    lines.append(f"  run directory: {out}")
+    lines.append(f"    model: {res.model_dir or '(not saved)'}; metrics: {out / 'metrics.jsonl'}; "
+                 f"summary: {out / 'summary.json'}")
+    plots = sorted((out / "plots").glob("*.png")) if (out / "plots").is_dir() else []
+    if plots:
+        lines.append(f"    plots: {', '.join(str(p) for p in plots)}")
+    if (out / "tensorboard").is_dir():
+        lines.append(f"    tensorboard: tensorboard --logdir {out / 'tensorboard'}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="held-out DPO loss, reward accuracy and margin of a model",
+        description="Evaluate a (trained) model on preference pairs against the reference "
+                    "cache: DPO loss, implicit-reward accuracy and margin; optionally sample "
+                    "responses and score them. A run directory written by `dpo-fast train` "
+                    "supplies its settings (config.yaml) and reference cache.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="model folder (e.g. a train run's output_dir)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="pairs: a data file or bundled:rotten-tomatoes/eval")
+    p.add_argument("--ref-cache", metavar="DIR", default=None,
+                   help="reference cache (default: <model>/ref_cache, or the run config's)")
+    p.add_argument("--ref-model", metavar="DIR", default=None,
+                   help="compute missing reference values with this model")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N pairs")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also sample one response for N prompts")
+    p.add_argument("--scorer", choices=("vader",), default=None, help="score the samples")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def eval_command(args, err: TextIO) -> int:
+    import yaml
+
+    from .train import TrainConfig, Trainer
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: not a model folder (no config.json)")
+    if args.data.lower().endswith(_DATA_SUFFIXES) and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file")
+    run: Dict[str, Any] = {}
+    if (model_dir / "config.yaml").is_file():
+        run = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    keep = ("max_length", "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha",
+            "prompt_column", "chosen_column", "rejected_column", "truncation_mode",
+            "simpo_gamma", "cpo_alpha", "orpo_lambda", "discopop_tau", "seed",
+            "sample_max_new_tokens", "sample_temperature")
+    cfg = TrainConfig(**{k: run[k] for k in keep if k in run})
+    cfg.model, cfg.train_data, cfg.eval_data = str(model_dir), args.data, args.data
+    cfg.max_eval_samples = args.limit
+    cfg.device = args.device
+    cfg.output_dir = str(model_dir)
+    cfg.sample_prompts, cfg.sample_scorer = args.samples, args.scorer
+    ref_dir = args.ref_cache or (str(model_dir / "ref_cache") if (model_dir / "ref_cache")
+                                 .is_dir() else run.get("ref_cache_dir"))
+    t = Trainer(cfg.validate())
+    m = t.evaluate_against_cache(ref_dir, ref_model=args.ref_model)
+    out = {k: v for k, v in m.items() if k != "samples"}
+    sys.stdout.write(json.dumps(out, indent=1) + "\n")
+    for s in m.get("samples", [])[:5]:
+        sc = f" [{s['score']:+.2f}]" if "score" in s else ""
+        err.write(f"  {s['prompt']}\n    ->{sc} {s['response'][:150]}\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _version(mod: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(mod)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def info_lines() -> List[str]:
+    """Versions, backends (and why one is missing), the machine."""
+    import torch
+
+    import dpo_fast
+
+    from .kernels import logprobs_cpu
+
+    lines = [f"dpo_fast {dpo_fast.__version__} (python {platform.python_version()}, "
+             f"{platform.system()} {platform.machine()})"]
+    for name in ("torch", "triton", "transformers", "datasets", "peft", "flash-attn",
+                 "tensorboard", "matplotlib", "vaderSentiment", "jsonargparse"):
+        v = _version(name)
+        lines.append(f"  {name:<16}{v or 'not installed'}")
+    lines.append("backends:")
+    cpp = logprobs_cpu.available()
+    lines.append("  C++ CPU kernel   " + ("yes (dpo_fast._C)" if cpp else
+                                        f"no: {logprobs_cpu.load_error()}; the PyTorch twin "
+                                        "is used (reinstall with --no-build-isolation)"))
+    if torch.cuda.is_available():
+        lines.append(f"  CUDA             yes: {torch.cuda.get_device_name()} (CUDA "
+                     f"{torch.version.cuda})")
+    else:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no GPU visible"
+        lines.append(f"  CUDA             no: {why}")
+    triton_ok = _version("triton") is not None
+    lines.append("  Triton kernels   " + ("yes" if triton_ok and torch.cuda.is_available() else
+                                        "no: " + ("needs a CUDA GPU (CPU tests run them under "
+                                                  "TRITON_INTERPRET=1)" if triton_ok else
+                                                  "triton is not installed")))
+    fa = _version("flash-attn")
+    lines.append("  flash-attn       " + ("yes (packed sequences use varlen attention)"
+                                        if fa and torch.cuda.is_available() else
+                                        "no: " + ("needs CUDA" if fa else
+                                                  "not installed (pip install flash-attn); "
+                                                  "packed rows use a block-diagonal sdpa mask")))
+    lines.append("  LoRA (peft)      " + ("yes" if _version("peft") else
+                                        "no: pip install peft"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        mem = f", {kb / 2**20:.1f} GiB memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    lines.append(f"machine: {cores} cores{mem}, torch threads {torch.get_num_threads()}")
+    return lines
+
+
+def info_command(err: TextIO) -> int:
+    sys.stdout.write("\n".join(info_lines()) + "\n")
+    return 0

@@ -1,0 +1,96 @@
+"""Sampled responses for held-out prompts, and scores for them (what DPO changed, in text).
+
+The prompts are the tokenized prompts of held-out pairs (exactly what the model sees in
+training). Sampling uses its own seed and restores the global RNG states afterwards, so a run
+with samples trains bit for bit like one without.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data import PreferenceExample
+
+
+def unique_prompts(examples: Sequence[PreferenceExample], n: int) -> List[np.ndarray]:
+    """The first ``n`` distinct prompts (as id arrays) of ``examples``."""
+    seen, out = set(), []
+    for e in examples:
+        k = e.prompt_ids.tobytes()
+        if k not in seen:
+            seen.add(k)
+            out.append(e.prompt_ids)
+            if len(out) == n:
+                break
+    return out
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+                     temperature: float, seed: int, device: torch.device,
+                     batch_size: int = 16) -> List[str]:
+    """One sampled continuation per prompt (ids [P]), decoded without special tokens.
+
+    Pure sampling (no top-k / top-p), ``temperature`` as given, left-padded batches. The
+    global torch / numpy / Python RNG states are restored afterwards.
+    """
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    was = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    out: List[str] = []
+    try:
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            width = max(p.size for p in chunk)
+            ids = torch.full((len(chunk), width), pad if pad is not None else 0,
+                             dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, p in enumerate(chunk):
+                ids[r, width - p.size:] = torch.from_numpy(p.astype(np.int64))
+                mask[r, width - p.size:] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 use_cache=True)
+            for r in range(len(chunk)):
+                out.append(tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip())
+    finally:
+        model.train(was)
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+    return out
+
+
+def get_scorer(name: Optional[str]) -> Optional[Callable[[str], float]]:
+    """A text -> score function: ``"vader"`` = VADER's compound sentiment in [-1, 1]."""
+    if name is None:
+        return None
+    if name == "vader":
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:
+            raise ImportError("sample_scorer='vader' needs vaderSentiment: "
+                              "pip install vaderSentiment==3.3.2") from e
+        analyzer = SentimentIntensityAnalyzer()
+        return lambda text: float(analyzer.polarity_scores(text)["compound"])
+    raise ValueError(f"unknown sample_scorer {name!r}; use 'vader' or None")
+
+
+def score_all(scorer: Optional[Callable[[str], float]], texts: Sequence[str]
+              ) -> Dict[str, object]:
+    """``{"scores": [...], "mean": ...}`` (empty without a scorer)."""
+    if scorer is None or not texts:
+        return {}
+    scores = [scorer(t) for t in texts]
+    return {"scores": scores, "mean": float(sum(scores) / len(scores))}
