@@ -480,7 +480,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif isinstance(e, RefCacheError):
             msg = e.message + (f"\n{e.cli_hint}" if e.cli_hint else "")
             code = 1
-        elif isinstance(e, (ValueError, FileNotFoundError, OSError)):
+        elif isinstance(e, (ValueError, FileNotFoundError, OSError, ImportError)) or \
+                type(e).__name__ in ("AssetMissingError", "TrainingError", "CheckpointError"):
             msg, code = str(e), 1
         else:
             msg = f"unexpected {type(e).__name__}: {e} (--debug shows the traceback)"

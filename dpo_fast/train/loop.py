@@ -671,6 +671,10 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._check_output_dir()
+        if cfg.sample_prompts and cfg.sample_scorer:
+            from .sampling import get_scorer
+
+            get_scorer(cfg.sample_scorer)  # a missing package fails now, not after training
         if self.model is None:
             self._check_model_path(cfg.model, "model")
         if cfg.ref_model is not None:
