@@ -442,7 +442,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         args = _parser().parse_args(argv)
     err = sys.stderr
+    from .assets import AssetMissingError
     from .refcache import RefCacheError
+    from .train import CheckpointError, TrainingError
 
     def show(message, category, filename, lineno, file=None, line=None):
         err.write(f"dpo-fast: warning: {message}\n")
@@ -480,8 +482,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif isinstance(e, RefCacheError):
             msg = e.message + (f"\n{e.cli_hint}" if e.cli_hint else "")
             code = 1
-        elif isinstance(e, (ValueError, FileNotFoundError, OSError, ImportError)) or \
-                type(e).__name__ in ("AssetMissingError", "TrainingError", "CheckpointError"):
+        elif isinstance(e, (ValueError, FileNotFoundError, OSError, ImportError,
+                            AssetMissingError, TrainingError, CheckpointError)):
             msg, code = str(e), 1
         else:
             msg = f"unexpected {type(e).__name__}: {e} (--debug shows the traceback)"

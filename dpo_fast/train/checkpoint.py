@@ -18,6 +18,7 @@ hashes; a damaged newest checkpoint is reported and the one before it used.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -111,7 +112,7 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
         files = {}
         for name, data in payload.items():
             atomic_write(tmp / name, data)
-            files[name] = {"bytes": len(data), "sha256": sha256_file(tmp / name)}
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write(tmp / MANIFEST, json_bytes({"format": FORMAT, "version": VERSION,
                                                  "step": step, "files": files}))
         if final.exists():  # a re-run of the same step (e.g. resumed after a kill) replaces it

@@ -13,6 +13,7 @@ into micro-batches does not change it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -409,16 +410,11 @@ def config_reference_markdown() -> str:
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        shown = "null" if default is None else json_default(default)
+        shown = "null" if default is None else (
+            default if isinstance(default, str) else json.dumps(default))
         rows.append(f"| `{f.name}` | {_type_name(f.type).replace('|', '/')} | `{shown}` | "
                     f"{docs.get(f.name, '')} |")
     return "\n".join(rows) + "\n"
-
-
-def json_default(v: Any) -> str:
-    import json
-
-    return json.dumps(v) if not isinstance(v, str) else v
 
 
 def update_readme(path: str) -> bool:

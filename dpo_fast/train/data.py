@@ -103,7 +103,8 @@ def _utf8_lines(path: Path) -> List[Tuple[int, int, int]]:
     return bad
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -146,7 +147,7 @@ def read_source(source: Any, *, what: str = "train_data", split: str = "train",
             ds = datasets.load_from_disk(str(p))
         except Exception as e:
             raise DataError(f"{what}: {p} is a directory but not a saved datasets Dataset "
-                            f"({_first_line(e)})") from e
+                            f"({first_line(e)})") from e
         return read_source(ds, what=what, split=split, bad_rows=bad_rows)
     if p.is_file():
         if suffix not in _TEXT_SUFFIXES and suffix != ".parquet":
@@ -168,7 +169,7 @@ def read_source(source: Any, *, what: str = "train_data", split: str = "train",
                                        data_files=str(p), split="train")
         except Exception as e:
             raise DataError(f"{what}: cannot read {p} ({type(e).__name__}: "
-                            f"{_first_line(e)})") from e
+                            f"{first_line(e)})") from e
         if suffix == ".jsonl":
             lines = _nonblank_lines(p)
             names = [f"{name} line {n}" for n in lines] if len(lines) == len(ds) else \
@@ -184,7 +185,7 @@ def read_source(source: Any, *, what: str = "train_data", split: str = "train",
         ds = datasets.load_dataset(str(source), split=split)
     except Exception as e:
         raise DataError(f"{what}: {source!r} is neither a file nor a dataset that datasets can "
-                        f"load ({type(e).__name__}: {_first_line(e)})") from e
+                        f"load ({type(e).__name__}: {first_line(e)})") from e
     return ds, [f"{source} row {i}" for i in range(len(ds))], skipped
 
 

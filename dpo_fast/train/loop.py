@@ -49,7 +49,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import DataError, PreparedData, prepare, read_source, split_eval
+from .data import (
+    DataError,
+    PreparedData,
+    count_reasons,
+    first_line,
+    prepare,
+    read_source,
+    split_eval,
+)
 from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
 
 METRICS_FILE = "metrics.jsonl"
@@ -229,9 +237,8 @@ def _load_model(name: str, dtype: torch.dtype, device: torch.device, what: str):
                 raise
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"TrainConfig.{what}={name!r}: cannot load the model "
-                         f"({type(e).__name__}: {text})") from e
+                         f"({type(e).__name__}: {first_line(e)})") from e
     return model.to(device)
 
 
@@ -320,9 +327,8 @@ class Trainer:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(name)
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ValueError(f"TrainConfig.tokenizer: cannot load a tokenizer from "
-                                 f"{name!r} ({type(e).__name__}: {first})") from e
+                                 f"{name!r} ({type(e).__name__}: {first_line(e)})") from e
         tok = self.tokenizer
         if tok.pad_token_id is None and tok.eos_token_id is not None:
             tok.pad_token = tok.eos_token
@@ -808,7 +814,7 @@ class Trainer:
             epochs=st.global_step / self.steps_per_epoch, interrupted=interrupted,
             train_metrics={k: v for k, v in last_logs.items() if k != "step"},
             eval_before=eval_before, eval_after=eval_after,
-            skipped_rows=_merge_counts(self.train_data, self.eval_data),
+            skipped_rows=count_reasons([s for s in (self.train_data, self.eval_data) if s]),
             skipped_steps=st.skipped_steps, attention=self.attention,
             tokens_per_second=st.num_tokens / st.train_seconds if st.train_seconds else 0.0,
             peak_memory_mb=peak, train_pairs=len(self.train_data.examples),
@@ -936,15 +942,6 @@ def _record(line: str) -> Dict[str, Any]:
     except ValueError:
         return {}
     return rec if isinstance(rec, dict) else {}
-
-
-def _merge_counts(*splits: Optional[PreparedData]) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for s in splits:
-        if s is not None:
-            for k, v in s.skipped.items():
-                out[k] = out.get(k, 0) + v
-    return out
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:

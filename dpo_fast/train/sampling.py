@@ -7,13 +7,13 @@ with samples trains bit for bit like one without.
 
 from __future__ import annotations
 
-import random
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..data import PreferenceExample
+from .checkpoint import rng_state, set_rng_state
 
 
 def unique_prompts(examples: Sequence[PreferenceExample], n: int) -> List[np.ndarray]:
@@ -38,8 +38,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[np.ndarray], *, max_new
     Pure sampling (no top-k / top-p), ``temperature`` as given, left-padded batches. The
     global torch / numpy / Python RNG states are restored afterwards.
     """
-    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    states = rng_state()
     was = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
@@ -64,11 +63,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[np.ndarray], *, max_new
                 out.append(tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip())
     finally:
         model.train(was)
-        torch.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])
+        set_rng_state(states["tensors"], states["json"])
     return out
 
 
