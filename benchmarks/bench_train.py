@@ -1,244 +1,735 @@
-"""End-to-end training benchmark: dpo_fast's trainer next to a plain PyTorch full-logits DPO
-loop, on the same model, pairs, step order and hyper-parameters, side by side in one run.
+"""End-to-end DPO training benchmark: dpo_fast next to TRL 1.16's ``DPOTrainer`` and a plain
+PyTorch loop, on the same model, pairs, step order and hyper-parameters, side by side in one run.
 
-Model and data: SmolLM2-135M-Instruct in fp32 (``dpo_fast.assets.smollm2_dir``), the first
-``--steps x --batch-size`` Rotten Tomatoes train pairs, ``--eval-pairs`` held-out pairs from
-movies not trained on, ``max_length`` 128, tokenized by dpo_fast (TRL 1.16's rules). Both
-loops take the same optimizer steps in the same order (``dpo_fast.train.batching.epoch_steps``
-with the same seed), AdamW (lr ``--lr``, betas 0.9/0.999, eps 1e-8, no weight decay), linear
-decay without warm-up, clipping at 1.0, sigmoid DPO with beta 0.1.
+Cases (each in its own fresh process, one after another):
 
-    plain      the floor of "no framework": the reference model lives next to the policy
-               (a deep copy, eval mode, no grad); each step pads the 2B sequences
-               (``pack_pair_batch``), runs the policy's own forward to full fp32 [2B, T, V]
-               logits, log_softmax -> gather -> masked sums, the reference the same way under
-               no_grad, the DPO loss, backward, clip, AdamW.
-    dpo_fast   ``dpo_fast.train.Trainer``: reference log-probs computed once into the cache
-               (timed separately as "precompute") and the reference model never resident;
-               packed micro-batches (block-diagonal sdpa mask), the fused head + loss (no
-               logits), the same optimizer.
+    trl_default     TRL ``DPOTrainer`` as its users run it: reference model live (a second copy
+                    loaded from the same folder), gradient checkpointing on (TRL's default),
+                    ``adamw_torch_fused``; bf16 off (a CPU run; TRL defaults to bf16=True).
+    trl_precompute  the same with ``precompute_ref_log_probs=True`` (its one-off precompute,
+                    run in ``DPOTrainer.__init__``, is timed separately).
+    trl_no_ckpt     live reference, gradient checkpointing off: TRL's fastest live setting.
+    plain           the floor of "no framework": policy + frozen reference copy, padded
+                    batches, full fp32 [2B, T, V] logits -> log_softmax -> gather, the DPO
+                    loss, backward, clip, fused AdamW.
+    dpo_fast        ``dpo_fast.train.Trainer`` defaults: reference log-probs read from the
+                    cache (filled by the "first run" below, so this is the second run, which
+                    reuses it), packed rows with each prompt computed once, the fused head +
+                    loss (no logits).
+    dpo_fast_ckpt   the same with gradient checkpointing.
 
-Each case runs in its own process (``harness.run_worker``). Reported per case: median step time
-after the first step, tokens/s over steps 2..S (real tokens: prompt + response of chosen and of
-rejected, no padding), peak RSS during the loop (VmHWM reset when the loop starts; it includes
-the resident models), the held-out reward accuracy / margin / loss before and after, and the
-per-step losses of both (they should agree to fp32 noise: same batches, same math).
+One-off costs: dpo_fast's precompute on a cold cache (the first run; only the pairs the steps
+visit), the second run's (the ``dpo_fast`` case: a lookup), TRL's precompute (the whole
+train set it is given, here exactly the visited pairs), and a plain no-grad full-logits
+forward of the same pairs in padded batches of ``--batch-size`` (what a hand-written
+precompute costs) for the throughput comparison.
 
-    python benchmarks/bench_train.py                 # 20 steps x 8 pairs (~8 minutes)
-    python benchmarks/bench_train.py --steps 4       # quick look
+Same work everywhere: every case trains on the pairs dpo_fast's trainer visits in its first
+``--steps`` steps, in that order (TRL through a ``SequentialSampler``, see
+``trl_parity.run_trl``), with AdamW lr ``--lr``, betas 0.9/0.999, eps 1e-8, no weight decay,
+linear decay to 0, clipping at 1.0, sigmoid DPO, beta 0.1, the same seed; the per-step losses
+are compared with TRL's.
+
+Measured per case: median step time over steps ``--warmup``+1..S; tokens/s over those steps
+(prompt + response tokens, EOS included, of chosen and rejected; padding not counted; a shared
+prompt still counts twice); model FLOP/s (the training FLOPs of the policy on those tokens,
+:func:`model_flops`) against the fp32 matmul rate measured in the same run; peak RSS of the
+training loop (VmHWM reset when the loop starts: resident models, optimizer state,
+activations) and of the whole process (``ru_maxrss``: loading and precompute included).
+
+Variants (``--variant``; the default runs ``short`` then ``long``):
+
+    short   Rotten Tomatoes pairs: one review per response, a one-line prompt (counted in both
+            sequences: ~40% of the tokens), ``max_length`` 128.
+    long    two reviews per response and four reviews of the same movie as context in the
+            prompt (a larger prompt share), ``max_length`` 512.
+
+    python benchmarks/bench_train.py                       # both variants (~30 minutes)
+    python benchmarks/bench_train.py --variant short --steps 6 --name scratch   # quick look
+
+GPU mode (``benchmarks/gpu_train.sh``): ``--device cuda --precision bf16 --arch llama-1b
+--synthetic 2048`` runs the same cases on a randomly initialised model built from a real
+architecture's config and synthetic token ids of 2,048 tokens per sequence.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import harness
+import trl_parity
 
-CASES = ("plain", "dpo_fast")
+CASES = ("trl_default", "trl_precompute", "trl_no_ckpt", "plain", "dpo_fast", "dpo_fast_ckpt")
+ONE_OFF = ("dpo_fast_precompute", "forward")
+TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkpointing=True),
+             "trl_precompute": dict(precompute_ref_log_probs=True, gradient_checkpointing=True),
+             "trl_no_ckpt": dict(precompute_ref_log_probs=False, gradient_checkpointing=False)}
+LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
+          "trl_precompute": "TRL precompute_ref_log_probs",
+          "trl_no_ckpt": "TRL live ref, no grad ckpt",
+          "plain": "plain PyTorch loop (full logits)",
+          "dpo_fast": "dpo_fast",
+          "dpo_fast_ckpt": "dpo_fast + grad ckpt"}
+VARIANTS = {"short": dict(max_length=128), "long": dict(max_length=512)}
+#: Architectures for the GPU mode (random weights; shapes of the named public models).
+ARCHS = {
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                     tie_word_embeddings=True, head_dim=64),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         vocab_size=151936, max_position_embeddings=32768,
+                         rope_theta=1000000.0, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                 max_position_embeddings=4096, tie_word_embeddings=True),
+}
 
 
-def _data(args):
+# ------------------------------------------------------------------------------ data
+
+
+def _long_rows(pairs: Sequence[Dict[str, str]]) -> List[Dict[str, str]]:
+    """Per movie, four pairs -> one row: two fresh reviews chosen, two rotten rejected, the
+    other two pairs' reviews quoted in the prompt."""
+    by_movie: Dict[str, List[Dict[str, str]]] = defaultdict(list)
+    for r in pairs:
+        by_movie[r["movie"]].append(r)
+    rows = []
+    for movie, rs in by_movie.items():
+        for k in range(0, len(rs) - 3, 4):
+            a, b, c, d = rs[k:k + 4]
+            quoted = "\n".join(f"-{x}" for x in (c["chosen"], c["rejected"], d["chosen"],
+                                                 d["rejected"]))
+            rows.append({
+                "prompt": f"What critics wrote about the movie '{movie}':\n{quoted}\n"
+                          f"Write a two-sentence review of the movie '{movie}':",
+                "chosen": a["chosen"] + b["chosen"], "rejected": a["rejected"] + b["rejected"],
+                "movie": movie})
+    return rows
+
+
+def _rows(args) -> List[Dict[str, str]]:
     from dpo_fast.assets import rotten_tomatoes_pairs
 
-    train, held = rotten_tomatoes_pairs(eval_fraction=0.1, seed=0)
-    return train[:args.steps * args.batch_size], held[:args.eval_pairs]
+    train, _ = rotten_tomatoes_pairs(eval_fraction=0.1, seed=0)
+    rows = _long_rows(train) if args.variant == "long" else train
+    return rows[:max(4 * args.steps * args.batch_size, 64)]
 
 
-def worker_dpo_fast(args) -> dict:
+def _model_dir(args, tmp: Path) -> str:
+    """The SmolLM2 folder, or (``--arch``) a random model of that shape saved under ``tmp``
+    with SmolLM2's tokenizer (its ids are < every listed vocabulary size)."""
     from dpo_fast.assets import smollm2_dir
-    from dpo_fast.train import TrainConfig, Trainer, TrainerCallback
 
-    train, held = _data(args)
-    times, t_last = [], [None]
+    if args.arch is None:
+        return str(smollm2_dir())
+    import torch
+    import transformers
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, trainer, state):
-            t_last[0] = time.perf_counter()
-
-        def on_step_end(self, trainer, state):
-            now = time.perf_counter()
-            times.append(now - t_last[0])
-            t_last[0] = now
-
-    class Timed(Trainer):
-        def prepare_reference(self):
-            t0 = time.perf_counter()
-            super().prepare_reference()
-            self.precompute_s = time.perf_counter() - t0
-
-    with tempfile.TemporaryDirectory() as d:
-        cfg = TrainConfig(model=str(smollm2_dir()), train_data=train, eval_data=held,
-                          output_dir=d, max_steps=args.steps, batch_size=args.batch_size,
-                          learning_rate=args.lr, beta=0.1, max_length=args.max_length,
-                          logging_steps=1, save_steps=None, save_final_model=False,
-                          max_tokens_per_micro_batch=args.micro_tokens, data_cache_dir="",
-                          seed=args.seed)
-        t = Timed(cfg, callbacks=[Clock()])
-        res = t.train()
-        logs = [json.loads(ln) for ln in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-    tokens = [m["num_tokens"] for m in logs if "loss" in m]
-    per_step = [b - a for a, b in zip([0] + tokens[:-1], tokens)]
-    return {"times": times, "tokens": per_step, "losses": [m["loss"] for m in logs if "loss" in m],
-            "peak_rss_mb": res.peak_memory_mb, "precompute_s": t.precompute_s,
-            "eval_before": res.eval_before, "eval_after": res.eval_after,
-            "attention": res.attention}
+    out = tmp / f"random-{args.arch}"
+    if not (out / "config.json").is_file():
+        spec = dict(ARCHS[args.arch])
+        cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.save_pretrained(out)
+        transformers.AutoTokenizer.from_pretrained(str(smollm2_dir())).save_pretrained(out)
+    return str(out)
 
 
-def worker_plain(args) -> dict:
+def _synthetic_rows(args, model_dir: str) -> List[Dict[str, str]]:
+    """``--synthetic T``: text rows of about T tokens per sequence, the prompt
+    ``--prompt-share`` of them, decoded from random ids of the tokenizer's plain tokens (both
+    trainers re-tokenize them identically; ``visit_order`` returns the exact ids)."""
     import numpy as np
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rng = np.random.default_rng(args.seed)
+    p = int(args.synthetic * args.prompt_share)
+
+    def text(n):
+        return tok.decode(rng.integers(1000, 40000, n).tolist())
+
+    return [{"prompt": text(p), "chosen": " " + text(args.synthetic - p),
+             "rejected": " " + text(args.synthetic - p)}
+            for _ in range(args.steps * args.batch_size)]
+
+
+def _all_rows(args, model_dir: str) -> List[Dict[str, str]]:
+    """The rows dpo_fast's trainer is given (it picks and orders the pairs it visits)."""
+    return _synthetic_rows(args, model_dir) if args.synthetic else _rows(args)
+
+
+def _visit(args, model_dir: str):
+    """The pairs dpo_fast's trainer visits, in order (``trl_parity.VisitOrder``: rows, token
+    ids, tokens per step) -- every case trains on exactly these."""
+    rows = _all_rows(args, model_dir)
+    order = trl_parity.visit_order(rows, batch_size=args.batch_size, seed=args.seed,
+                                   max_length=args.max_length, steps=args.steps,
+                                   model_dir=model_dir)
+    return order
+
+
+def _examples(ids):
+    import numpy as np
+
+    from dpo_fast.data import PreferenceExample
+
+    return [PreferenceExample(*(np.asarray(x, dtype=np.int32) for x in t)) for t in ids]
+
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def model_flops(cfg, ids: Sequence[Sequence[Sequence[int]]]) -> float:
+    """Training FLOPs of the policy on ``ids`` (per pair [prompt, chosen, rejected]): 3x the
+    forward's matmul FLOPs (forward + backward) over both sequences of each pair -- the
+    linear layers (2 per weight per token), the attention scores and values (causal: 4 * d
+    * (t + 1) / 2 per layer at position t), and the LM head on response positions only (the
+    rows the loss reads). The reference model's forward is not counted (it is not training
+    work, and a cache removes it)."""
+    d = cfg.hidden_size
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or d // heads
+    kv = getattr(cfg, "num_key_value_heads", heads) * hd
+    lin = layers * (d * heads * hd * 2 + d * kv * 2 + 3 * d * cfg.intermediate_size)
+    total = 0.0
+    for p, c, r in ids:
+        for resp in (c, r):
+            t = len(p) + len(resp)
+            total += 2 * lin * t + layers * 4 * heads * hd * t * (t + 1) / 2
+            total += 2 * d * cfg.vocab_size * len(resp)
+    return 3 * total
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+_HWM_BEFORE_RESETS: List[int] = []
+
+
+def _track_hwm_resets() -> None:
+    """Resetting VmHWM (``harness.reset_hwm``, also called inside ``trl_parity``) also resets
+    ``ru_maxrss``; keep the peak reached before each reset for the whole-process figure."""
+    reset = harness.reset_hwm
+
+    def tracked() -> None:
+        _HWM_BEFORE_RESETS.append(harness.hwm_bytes())
+        reset()
+
+    harness.reset_hwm = tracked
+
+
+def _peaks(rec: Dict[str, Any]) -> Dict[str, Any]:
+    rec["process_peak_mb"] = max(_HWM_BEFORE_RESETS + [harness.hwm_bytes()]) / 2**20
+    return rec
+
+
+def _device_peak(args) -> Optional[float]:
+    if args.device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def worker_trl(args, model_dir: str) -> Dict[str, Any]:
+    order = _visit(args, model_dir)
+    rec = trl_parity.run_trl(model_dir, order.rows, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, beta=0.1,
+                             loss_type="sigmoid", max_length=args.max_length, seed=args.seed,
+                             device=args.device, precision=args.precision,
+                             **TRL_CASES[args.case])
+    return _peaks({"losses": [s["loss"] for s in rec["steps"]],
+                   "times": [s["time_s"] for s in rec["steps"]],
+                   "tokens": [s["tokens"] for s in rec["steps"]],
+                   "peak_rss_mb": rec["peak_rss_mb"], "device_peak_mb": rec.get("peak_gpu_mb"),
+                   "precompute_s": rec["precompute_s"],
+                   "precompute_pairs": rec["precompute_pairs"],
+                   "ref_hash_s": rec["ref_hash_s"], "ids": order.ids})
+
+
+def worker_plain(args, model_dir: str) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
+    import transformers
 
-    from dpo_fast import pack_pair_batch, tokenize_dataset
-    from dpo_fast.assets import load_smollm2
-    from dpo_fast.train.batching import epoch_steps, pair_tokens
+    from dpo_fast import pack_pair_batch
     from dpo_fast.train.loop import lr_lambda
 
-    train, held = _data(args)
+    order = _visit(args, model_dir)
+    dev = torch.device(args.device)
     torch.manual_seed(args.seed)
-    policy, tok = load_smollm2()
-    policy.config.use_cache = False
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for m in (policy, ref):
+        m.config.use_cache = False
+        m.to(dev)
+    ref.eval().requires_grad_(False)
     policy.train()
-    ex, _ = tokenize_dataset(tok, train, max_length=args.max_length)
-    ev, _ = tokenize_dataset(tok, held, max_length=args.max_length)
+    auto = torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     def seq_logps(model, pb):
-        logits = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits
+        with auto:
+            logits = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits
         lp = torch.log_softmax(logits.float(), -1)
         mask = pb.targets != -100
-        tl = lp.gather(2, pb.targets.clamp(min=0)[..., None])[..., 0]
-        return (tl * mask).sum(1)
+        return (lp.gather(2, pb.targets.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
 
-    def dpo(pol, rf, b):
-        h = (pol[:b] - rf[:b]) - (pol[b:] - rf[b:])
-        cr, rr = 0.1 * (pol[:b] - rf[:b]).detach(), 0.1 * (pol[b:] - rf[b:]).detach()
-        return -F.logsigmoid(0.1 * h), cr, rr
-
-    @torch.no_grad()
-    def evaluate():
-        policy.eval()
-        order = np.argsort([pair_tokens(e) for e in ev], kind="stable")
-        losses, acc, margin = [], [], []
-        for i in range(0, len(order), args.batch_size):
-            batch = [ev[j] for j in order[i:i + args.batch_size]]
-            pb = pack_pair_batch(batch)
-            l_, cr, rr = dpo(seq_logps(policy, pb), seq_logps(ref, pb), len(batch))
-            losses += l_.tolist()
-            acc += (cr > rr).float().tolist()
-            margin += (cr - rr).tolist()
-        policy.train()
-        n = len(losses)
-        return {"eval/loss": sum(losses) / n, "eval/rewards/accuracies": sum(acc) / n,
-                "eval/rewards/margins": sum(margin) / n}
-
-    before = evaluate()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", 0, args.steps))
-    steps = epoch_steps(np.array([pair_tokens(e) for e in ex]), args.batch_size, args.seed, 0)
-    harness.reset_hwm()
+    ex = _examples(order.ids)
     times, tokens, losses = [], [], []
-    for idx in steps[:args.steps]:
+    _reset_peaks(args)
+    for k in range(args.steps):
+        harness.sync(args.device)
         t0 = time.perf_counter()
-        batch = [ex[i] for i in idx]
-        pb = pack_pair_batch(batch)
+        batch = ex[k * args.batch_size:(k + 1) * args.batch_size]
+        pb = pack_pair_batch(batch, device=dev)
+        b = len(batch)
         pol = seq_logps(policy, pb)
         with torch.no_grad():
             rf = seq_logps(ref, pb)
-        l_, _, _ = dpo(pol, rf, len(batch))
-        loss = l_.mean()
+        h = (pol[:b] - rf[:b]) - (pol[b:] - rf[b:])
+        loss = -F.logsigmoid(0.1 * h).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        harness.sync(args.device)
         times.append(time.perf_counter() - t0)
         tokens.append(int(pb.attention_mask.sum()))
-        losses.append(float(loss))
-    peak = harness.hwm_bytes() / 2**20
-    return {"times": times, "tokens": tokens, "losses": losses, "peak_rss_mb": peak,
-            "eval_before": before, "eval_after": evaluate(), "precompute_s": 0.0,
-            "attention": "padded (full logits)"}
+    return _peaks({"losses": losses, "times": times, "tokens": tokens,
+                   "peak_rss_mb": harness.hwm_bytes() / 2**20,
+                   "device_peak_mb": _device_peak(args), "precompute_s": 0.0})
 
 
-def summarize(r: dict) -> dict:
-    t, k = r["times"][1:], r["tokens"][1:]
-    return {"median_step_s": sorted(t)[len(t) // 2], "tokens_per_s": sum(k) / sum(t),
-            "peak_rss_mb": r["peak_rss_mb"], "precompute_s": r["precompute_s"]}
+def _reset_peaks(args) -> None:
+    harness.reset_hwm()
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _dpo_fast_config(args, model_dir: str, rows, out: str, cache: str, **kw):
+    from dpo_fast.train import TrainConfig
+
+    return TrainConfig(model=model_dir, train_data=rows, output_dir=out, ref_cache_dir=cache,
+                       data_cache_dir="", max_steps=args.steps, batch_size=args.batch_size,
+                       learning_rate=args.lr, beta=0.1, loss_type="sigmoid",
+                       max_length=args.max_length, seed=args.seed, logging_steps=1,
+                       save_steps=None, save_final_model=False, max_grad_norm=1.0,
+                       lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                       device=args.device, precision=args.precision, **kw)
+
+
+def worker_dpo_fast(args, model_dir: str) -> Dict[str, Any]:
+    from dpo_fast.train import Trainer, TrainerCallback
+
+    order = _visit(args, model_dir)
+    times, stamp, visited = [], [0.0], []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, trainer, state):
+            _reset_peaks(args)
+            harness.sync(args.device)
+            stamp[0] = time.perf_counter()
+
+        def on_step_end(self, trainer, state):
+            harness.sync(args.device)
+            now = time.perf_counter()
+            times.append(now - stamp[0])
+            stamp[0] = now
+
+    class Recording(Trainer):
+        def _train_step(self, idx):
+            visited.append([int(i) for i in idx])
+            return super()._train_step(idx)
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _dpo_fast_config(args, model_dir, _all_rows(args, model_dir), out, args.ref_cache,
+                               gradient_checkpointing=args.case == "dpo_fast_ckpt")
+        trainer = Recording(cfg, callbacks=[Clock()])
+        res = trainer.train()
+        loop_peak = harness.hwm_bytes() / 2**20
+        logs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        ids = [trl_parity._example_ids(trainer.train_data.examples[i])
+               for s in visited for i in s]
+    if ids != order.ids:
+        raise RuntimeError("dpo_fast trained on other pairs than the planned visit order")
+    return _peaks({"losses": [m["loss"] for m in logs if "loss" in m], "times": times,
+                   "tokens": order.tokens_per_step, "peak_rss_mb": loop_peak,
+                   "device_peak_mb": _device_peak(args),
+                   "precompute_s": res.precompute_seconds, "attention": res.attention,
+                   "share_prompt": bool(trainer.share_prompt)})
+
+
+def worker_dpo_fast_precompute(args, model_dir: str) -> Dict[str, Any]:
+    """The first run's one-off cost: fill a cold reference cache for the visited pairs."""
+    from dpo_fast.train import Trainer
+
+    order = _visit(args, model_dir)
+    shutil.rmtree(args.ref_cache, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as out:
+        t = Trainer(_dpo_fast_config(args, model_dir, _all_rows(args, model_dir), out,
+                                     args.ref_cache))
+        t.prepare_data()
+        t.plan()
+        t.prepare_model()
+        harness.sync(args.device)
+        t0 = time.perf_counter()
+        t.prepare_reference()
+        harness.sync(args.device)
+        dt = time.perf_counter() - t0
+    return _peaks({"precompute_s": dt, "pairs": len(order.ids),
+                   "tokens": sum(order.tokens_per_step)})
+
+
+def worker_forward(args, model_dir: str) -> Dict[str, Any]:
+    """A plain no-grad forward (full logits -> log_softmax -> gather) of the visited pairs in
+    padded batches: what computing reference log-probs by hand costs."""
+    import torch
+    import transformers
+
+    from dpo_fast import pack_pair_batch
+
+    order = _visit(args, model_dir)
+    dev = torch.device(args.device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.to(dev).eval()
+    ex = _examples(order.ids)
+    auto = torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
+    harness.sync(args.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k in range(0, len(ex), args.batch_size):
+            pb = pack_pair_batch(ex[k:k + args.batch_size], device=dev)
+            with auto:
+                logits = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits
+            lp = torch.log_softmax(logits.float(), -1)
+            (lp.gather(2, pb.targets.clamp(min=0)[..., None])[..., 0]
+             * (pb.targets != -100)).sum(1).tolist()
+    harness.sync(args.device)
+    return _peaks({"seconds": time.perf_counter() - t0, "pairs": len(ex),
+                   "tokens": sum(order.tokens_per_step)})
+
+
+WORKERS = {"trl_default": worker_trl, "trl_precompute": worker_trl, "trl_no_ckpt": worker_trl,
+           "plain": worker_plain, "dpo_fast": worker_dpo_fast, "dpo_fast_ckpt": worker_dpo_fast,
+           "dpo_fast_precompute": worker_dpo_fast_precompute, "forward": worker_forward}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summarize(r: Dict[str, Any], warmup: int, flops_per_token: float) -> Dict[str, Any]:
+    t, k = r["times"][warmup:], r["tokens"][warmup:]
+    tps = sum(k) / sum(t)
+    return {"median_step_s": sorted(t)[len(t) // 2], "tokens_per_s": tps,
+            "model_gflops_per_s": tps * flops_per_token / 1e9,
+            "peak_rss_mb": r["peak_rss_mb"], "process_peak_mb": r["process_peak_mb"],
+            "device_peak_mb": r.get("device_peak_mb")}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "—" if not a or not b else f"{a / b:.2f}x"
+
+
+def report(variant: str, args, res: Dict[str, Any], peak_gflops: float) -> str:
+    cases = [c for c in CASES if c in res]
+    per_token = res["_flops"] / sum(res["_tokens"])
+    s = {c: summarize(res[c], args.warmup, per_token) for c in cases}
+    base = s.get("trl_default")
+    pre = s.get("trl_precompute")
+    plain = s.get("plain")
+    mem_key = "device_peak_mb" if args.device == "cuda" else "peak_rss_mb"
+    mem_name = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB (loop)"
+    rows = []
+    for c in cases:
+        x = s[c]
+        ref_losses = res["trl_default"]["losses"] if "trl_default" in res else None
+        diff = max(abs(a - b) for a, b in zip(res[c]["losses"], ref_losses)) \
+            if ref_losses else None
+        rows.append([LABELS[c], harness.fmt(x["median_step_s"], ".2f"),
+                     harness.fmt(x["tokens_per_s"], ".1f"),
+                     _ratio(x["tokens_per_s"], base and base["tokens_per_s"]),
+                     _ratio(x["tokens_per_s"], pre and pre["tokens_per_s"]),
+                     _ratio(x["tokens_per_s"], plain and plain["tokens_per_s"]),
+                     harness.fmt(x["model_gflops_per_s"], ".1f"),
+                     f"{100 * x['model_gflops_per_s'] / peak_gflops:.1f}%",
+                     harness.fmt(x[mem_key], ".0f"),
+                     _ratio(x[mem_key], base and base[mem_key]),
+                     harness.fmt(x["process_peak_mb"], ".0f"),
+                     "—" if diff is None else f"{diff:.1e}"])
+    pr, fw = res.get("dpo_fast_precompute"), res.get("forward")
+    trl_pre = res.get("trl_precompute")
+    tok = sum(res["_tokens"])
+    one_off = []
+    if pr:
+        one_off.append(["dpo_fast precompute, first run (cold cache)",
+                        harness.fmt(pr["precompute_s"], ".1f"),
+                        harness.fmt(tok / pr["precompute_s"], ".0f"),
+                        _ratio(tok / pr["precompute_s"], fw and tok / fw["seconds"])])
+    if "dpo_fast" in res:
+        one_off.append(["dpo_fast precompute, second run (reuses the cache)",
+                        harness.fmt(res["dpo_fast"]["precompute_s"], ".2f"), "—", "—"])
+    if trl_pre:
+        one_off.append([f"TRL precompute_ref_log_probs (+ {trl_pre['ref_hash_s']:.1f} s "
+                        "hashing the reference state_dict, every start-up)",
+                        harness.fmt(trl_pre["precompute_s"], ".1f"),
+                        harness.fmt(tok / trl_pre["precompute_s"], ".0f"),
+                        _ratio(tok / trl_pre["precompute_s"], fw and tok / fw["seconds"])])
+    if fw:
+        one_off.append(["plain no-grad full-logits forward, padded batches",
+                        harness.fmt(fw["seconds"], ".1f"), harness.fmt(tok / fw["seconds"], ".0f"),
+                        "1.00x"])
+    v = res["_info"]
+    md = (f"## {variant}: max_length {args.max_length}, {args.steps} steps x {args.batch_size} "
+          f"pairs, {v['tokens_per_pair']:.0f} tokens per pair, prompt "
+          f"{100 * v['prompt_share']:.0f}% of them\n\n"
+          + harness.md_table(["case", "median step s", "tokens/s", "vs TRL default",
+                              "vs TRL precompute", "vs plain", "model GFLOP/s",
+                              f"of matmul peak ({peak_gflops:.0f} GFLOP/s)", mem_name,
+                              "vs TRL default", "process peak RSS MiB",
+                              "max |loss - TRL default loss|"], rows)
+          + "\n" + harness.md_table(["one-off", "seconds", "tokens/s", "vs plain forward"],
+                                    one_off))
+    res["_summary"] = s
+    return md
+
+
+def _targets(res: Dict[str, Any], args) -> List[str]:
+    s = res.get("_summary", {})
+    out = []
+    mem = "device_peak_mb" if args.device == "cuda" else "peak_rss_mb"
+    f = s.get("dpo_fast")
+    for name, key, goal in (("TRL default", "trl_default", 2.0),
+                            ("TRL precompute", "trl_precompute", 1.3),
+                            ("plain loop", "plain", 1.2)):
+        if f and key in s:
+            r = f["tokens_per_s"] / s[key]["tokens_per_s"]
+            out.append(f"tokens/s vs {name}: {r:.2f}x (target >= {goal}x: "
+                       f"{'met' if r >= goal else 'NOT met'})")
+    for c in ("dpo_fast", "dpo_fast_ckpt"):
+        if c in s and "trl_default" in s:
+            r = s[c][mem] / s["trl_default"][mem]
+            out.append(f"{LABELS[c]} peak memory vs TRL default: {r:.2f}x (target <= 0.6x: "
+                       f"{'met' if r <= 0.6 else 'NOT met'})")
+    pr, fw = res.get("dpo_fast_precompute"), res.get("forward")
+    if pr and fw:
+        r = fw["seconds"] / pr["precompute_s"]
+        out.append(f"precompute throughput vs plain no-grad forward: {r:.2f}x (target >= 0.9x: "
+                   f"{'met' if r >= 0.9 else 'NOT met'})")
+    return out
+
+
+def plot(path: Path, results: Dict[str, Dict[str, Any]], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mem = "device_peak_mb" if args.device == "cuda" else "peak_rss_mb"
+    variants = list(results)
+    fig, axes = plt.subplots(len(variants), 2, figsize=(12, 3.2 * len(variants)), squeeze=False)
+    for row, v in zip(axes, variants):
+        s = results[v]["_summary"]
+        cases = [c for c in CASES if c in s]
+        colors = ["#4c72b0" if c.startswith("dpo_fast") else "#999999" for c in cases]
+        labels = [LABELS[c] for c in cases]
+        for ax, key, title in ((row[0], "tokens_per_s", "tokens/s (higher is better)"),
+                               (row[1], mem, "peak memory MiB (lower is better)")):
+            vals = [s[c][key] for c in cases]
+            ax.barh(labels, vals, color=colors)
+            ax.invert_yaxis()
+            ax.set_title(f"{v}: {title}", fontsize=10)
+            for i, x in enumerate(vals):
+                ax.text(x, i, f" {x:.0f}", va="center", fontsize=8)
+            ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _variant_info(ids) -> Dict[str, float]:
+    tot = sum(trl_parity._pair_count(t) for t in ids)
+    prompt = sum(2 * len(t[0]) for t in ids)
+    return {"tokens_per_pair": tot / len(ids), "prompt_share": prompt / tot}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-pairs", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--micro-tokens", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--variant", choices=list(VARIANTS), action="append")
+    p.add_argument("--steps", type=int, default=None, help="default: 20 short, 8 long")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timings")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cases", nargs="+", default=list(CASES) + list(ONE_OFF),
+                   choices=list(CASES) + list(ONE_OFF))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--arch", choices=list(ARCHS), default=None,
+                   help="random model of this shape instead of SmolLM2 (GPU mode)")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="random token ids, this many tokens per sequence (GPU mode)")
+    p.add_argument("--prompt-share", type=float, default=0.5)
+    p.add_argument("--max-fit", type=int, nargs="*", default=None, metavar="T",
+                   help="instead of the table: the longest of these sequence lengths (tokens "
+                        "per sequence, 1 pair per step) one training step of TRL default and "
+                        "of dpo_fast fits in")
     p.add_argument("--name", default="train_cpu")
+    p.add_argument("--workdir", default=None, help="model / cache scratch folder")
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--case", choices=CASES)
+    p.add_argument("--case")
+    p.add_argument("--ref-cache")
     args = p.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
         harness.disable_thp()
-        out = worker_dpo_fast(args) if args.case == "dpo_fast" else worker_plain(args)
-        print(json.dumps(out))
+        _track_hwm_resets()
+        args.variant = args.variant[0]  # a worker runs one variant
+        model_dir = _model_dir(args, Path(args.workdir))
+        print(json.dumps(WORKERS[args.case](args, model_dir)))
         return
-    passthrough = [a for a in sys.argv[1:] if a not in ("--worker",)]
-    results = {}
-    for case in CASES:
-        t0 = time.perf_counter()
-        results[case] = harness.run_worker(Path(__file__), [*passthrough, "--case", case],
-                                           timeout=7200)
-        if "error" in results[case]:
-            raise SystemExit(f"{case} failed: {results[case]['error']}")
-        print(f"{case}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    s = {c: summarize(r) for c, r in results.items()}
-    lp, lf = results["plain"]["losses"], results["dpo_fast"]["losses"]
-    diff = max(abs(a - b) for a, b in zip(lp, lf))
-    base = s["plain"]
-    rows = []
-    for c in CASES:
-        r, x = results[c], s[c]
-        rows.append([c, r["attention"], harness.fmt(x["median_step_s"], ".2f"),
-                     harness.fmt(x["tokens_per_s"], ".0f"),
-                     harness.fmt(x["tokens_per_s"] / base["tokens_per_s"], ".2f") + "x",
-                     harness.fmt(x["peak_rss_mb"] / 1024, ".2f"),
-                     harness.fmt(x["peak_rss_mb"] / base["peak_rss_mb"], ".2f") + "x",
-                     harness.fmt(x["precompute_s"], ".0f"),
-                     harness.fmt(r["eval_before"]["eval/rewards/accuracies"], ".3f") + " -> "
-                     + harness.fmt(r["eval_after"]["eval/rewards/accuracies"], ".3f"),
-                     harness.fmt(r["eval_before"]["eval/rewards/margins"], ".3f") + " -> "
-                     + harness.fmt(r["eval_after"]["eval/rewards/margins"], ".3f"),
-                     harness.fmt(r["eval_after"]["eval/loss"], ".4f"),
-                     harness.fmt(r["losses"][0], ".6f") + " -> "
-                     + harness.fmt(r["losses"][-1], ".4f")])
+    import torch
+
+    torch.set_num_threads(args.threads)
+    variants = args.variant or (["short"] if args.synthetic else ["short", "long"])
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
+    if args.max_fit is not None:
+        max_fit(args, work)
+        return
+    all_results: Dict[str, Dict[str, Any]] = {}
+    mds = []
+    peak = harness.peak_matmul_gflops(args.device, dtype=torch.bfloat16
+                                      if args.precision == "bf16" else torch.float32)
+    for variant in variants:
+        steps = args.steps or (20 if variant == "short" else 8)
+        max_length = args.max_length or (args.synthetic * 2 if args.synthetic
+                                         else VARIANTS[variant]["max_length"])
+        vargs = argparse.Namespace(**{**vars(args), "variant": variant, "steps": steps,
+                                      "max_length": max_length})
+        common = ["--variant", variant, "--steps", str(steps), "--max-length", str(max_length),
+                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                  "--seed", str(args.seed), "--threads", str(args.threads),
+                  "--device", args.device, "--precision", args.precision,
+                  "--synthetic", str(args.synthetic), "--prompt-share", str(args.prompt_share),
+                  "--workdir", str(work), "--ref-cache", str(work / f"ref_cache_{variant}")]
+        if args.arch:
+            common += ["--arch", args.arch]
+        res: Dict[str, Any] = {}
+        order = [c for c in ("dpo_fast_precompute",) + CASES + ("forward",) if c in args.cases]
+        for case in order:
+            t0 = time.perf_counter()
+            r = harness.run_worker(Path(__file__), [*common, "--case", case], timeout=7200,
+                                   live_rss=False)
+            if "error" in r:
+                raise SystemExit(f"{variant}/{case} failed: {r['error']}")
+            res[case] = r
+            print(f"{variant}/{case}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(_model_dir(vargs, work))
+        ids = res.get("trl_default", {}).get("ids") or trl_parity.visit_order(
+            _rows(vargs), batch_size=args.batch_size, seed=args.seed, max_length=max_length,
+            steps=steps, model_dir=_model_dir(vargs, work)).ids
+        res["_tokens"] = [trl_parity._pair_count(t) for t in ids]
+        res["_flops"] = model_flops(cfg, ids)
+        res["_info"] = _variant_info(ids)
+        mds.append(report(variant, vargs, res, peak))
+        res["_targets"] = _targets(res, vargs)
+        mds[-1] += "\n" + "\n".join(f"- {t}" for t in res["_targets"]) + "\n"
+        for c in CASES:
+            res.get(c, {}).pop("ids", None)
+        all_results[variant] = res
     info = harness.machine()
-    md = (f"# Training: dpo_fast vs a plain full-logits DPO loop ({info['date']})\n\n"
-          f"SmolLM2-135M-Instruct fp32, {args.steps} steps x {args.batch_size} pairs "
-          f"(Rotten Tomatoes, max_length {args.max_length}), {args.eval_pairs} held-out pairs, "
-          f"AdamW lr {args.lr}, beta 0.1, {info['host_cpu']}, {info['threads']} threads, "
-          f"torch {info['torch']}.\n\n"
-          + harness.md_table(["case", "attention", "median step s", "tokens/s", "vs plain",
-                              "peak RSS GiB", "vs plain", "precompute s",
-                              "held-out reward acc", "held-out margin", "held-out loss after",
-                              "train loss step 1 -> last"], rows)
-          + f"\nmax |per-step training loss difference| between the two: {diff:.2e}\n")
-    harness.write_results(args.name, {"machine": info, "args": vars(args), "results": results,
-                                      "summary": s, "max_loss_diff": diff}, md)
+    model = f"random {args.arch}-shaped model" if args.arch else "SmolLM2-135M-Instruct"
+    md = (f"# DPO training: dpo_fast vs TRL {_trl_version()} vs a plain loop ({info['date']})\n\n"
+          f"{model}, {args.precision}, {args.device}, "
+          f"{info.get('gpu', info['host_cpu'])}, {info['threads']} threads, torch "
+          f"{info['torch']}; AdamW lr {args.lr}, sigmoid DPO beta 0.1, seed {args.seed}; "
+          f"every case trains on the same pairs in the same order; timings over steps "
+          f"{args.warmup + 1}..S. Matmul peak measured in this run: {peak:.0f} GFLOP/s.\n\n"
+          + "\n".join(mds))
+    harness.write_results(args.name, {"machine": info, "args": vars(args),
+                                      "matmul_peak_gflops": peak, "results": all_results}, md)
+    plot(harness.RESULTS / f"{args.name}.png", all_results, args)
     print(md)
+
+
+def max_fit(args, work: Path) -> None:
+    """For TRL default and dpo_fast: the longest sequence (of ``--max-fit`` lengths, tried
+    shortest first) with which one training step of 1 pair fits in memory."""
+    lengths = sorted(args.max_fit or [2048, 4096, 8192, 16384, 32768, 65536])
+    out: Dict[str, Any] = {}
+    for case in ("trl_default", "dpo_fast"):
+        out[case] = {"fits": None, "tried": {}}
+        for t in lengths:
+            common = ["--variant", "short", "--steps", "2", "--max-length", str(2 * t),
+                      "--batch-size", "1", "--lr", str(args.lr), "--seed", str(args.seed),
+                      "--threads", str(args.threads), "--device", args.device,
+                      "--precision", args.precision, "--synthetic", str(t),
+                      "--prompt-share", str(args.prompt_share), "--workdir", str(work),
+                      "--ref-cache", str(work / f"ref_cache_fit_{t}")]
+            if args.arch:
+                common += ["--arch", args.arch]
+            cases = ["dpo_fast_precompute", case] if case == "dpo_fast" else [case]
+            for c in cases:  # dpo_fast: fill the cache, then train (a second run)
+                r = harness.run_worker(Path(__file__), [*common, "--case", c], timeout=1800,
+                                       live_rss=False)
+                if "error" in r:
+                    break
+            ok = "error" not in r
+            out[case]["tried"][t] = "fits" if ok else r["error"][:160]
+            print(f"max-fit {case} T={t}: {'fits' if ok else r['error'][:160]}", file=sys.stderr)
+            if not ok:
+                break
+            out[case]["fits"] = t
+    info = harness.machine()
+    md = (f"# Longest sequence one DPO step fits in ({info['date']}, "
+          f"{info.get('gpu', info['host_cpu'])}, {args.arch or 'SmolLM2-135M'}, "
+          f"{args.precision}, 1 pair per step, prompt {args.prompt_share:.0%} of each "
+          f"sequence)\n\n"
+          + harness.md_table(["case", "longest T that fits", "tried"],
+                             [[LABELS[c], str(v["fits"]), "; ".join(f"{k}: {x}" for k, x in
+                                                                    v["tried"].items())]
+                              for c, v in out.items()]))
+    harness.write_results(args.name, {"machine": info, "args": vars(args), "results": out}, md)
+    print(md)
+
+
+def _trl_version() -> str:
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:
+        return "(not installed)"
 
 
 if __name__ == "__main__":

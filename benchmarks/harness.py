@@ -138,11 +138,17 @@ def machine() -> Dict[str, str]:
     return info
 
 
-def run_worker(script: Path, args: List[str], timeout: int = 3600) -> dict:
-    """Runs ``python script --worker args...`` in a fresh process; returns its last JSON line."""
+def run_worker(script: Path, args: List[str], timeout: int = 3600,
+               live_rss: bool = True) -> dict:
+    """Runs ``python script --worker args...`` in a fresh process; returns its last JSON line.
+
+    ``live_rss``: glibc's mmap threshold fixed at 128 KiB, so freed buffers go back to the OS
+    and RSS follows live memory (kernel-level memory comparisons); False keeps the default
+    allocator, what a user's process gets (end-to-end training comparisons)."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # RSS follows live memory (see memprobe)
+    if live_rss:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True,

@@ -29,6 +29,7 @@ from tiny import random_examples, tiny_config, tiny_model, tiny_tokenizer, word_
 from dpo_fast.models import head_settings, model_parts  # noqa: E402
 from dpo_fast.train import (  # noqa: E402
     PACKED_EAGER,
+    PACKED_FLASH,
     PACKED_SDPA,
     PADDED,
     DataError,
@@ -106,14 +107,15 @@ def test_step_one_loss_is_ln2_with_the_initial_policy_as_reference(tmp_path):
 # ------------------------------------------------------------------------------ packing
 
 
-def _loss_and_grads(model, examples, ref, path, groups, masks):
+def _loss_and_grads(model, examples, ref, path, groups, masks, share=False):
     model.zero_grad(set_to_none=True)
     parts = model_parts(model)
     head = HeadSpec(*head_settings(model, None, 1.0))
     b = len(examples)
     total = 0.0
     for g in groups:
-        mb = make_micro_batch([examples[i] for i in g], path, masks=masks)
+        mb = make_micro_batch([examples[i] for i in g], path, masks=masks, share_prompt=share)
+        assert (mb.hidden_index is not None) == share
         r = torch.cat([ref[:b][g], ref[b:][g]])
         out = micro_batch_loss(parts, mb, r, head, dict(beta=0.1))
         (out.loss * (len(g) / b)).backward()
@@ -133,15 +135,49 @@ def test_packed_equals_padded_equals_one_at_a_time(attn):
     everything = [list(range(6))]
     alone = [[i] for i in range(6)]
     l_packed, g_packed = _loss_and_grads(model, examples, ref, path, everything, masks)
+    l_shared, g_shared = _loss_and_grads(model, examples, ref, path, everything, masks, True)
     l_padded, g_padded = _loss_and_grads(model, examples, ref, PADDED, everything, masks)
     l_alone, g_alone = _loss_and_grads(model, examples, ref, PADDED, alone, masks)
     truth = float(dpo_truth(full_logits_logps(model, examples), ref))
-    for got in (l_packed, l_padded, l_alone):
+    for got in (l_packed, l_shared, l_padded, l_alone):
         assert abs(got - truth) <= 2e-6, (got, truth)
     for n in g_packed:
         scale = g_alone[n].abs().max().item() + 1e-12
-        assert (g_packed[n] - g_alone[n]).abs().max().item() <= 1e-5 * scale + 1e-7, n
-        assert (g_padded[n] - g_alone[n]).abs().max().item() <= 1e-5 * scale + 1e-7, n
+        for g in (g_packed, g_shared, g_padded):
+            assert (g[n] - g_alone[n]).abs().max().item() <= 1e-5 * scale + 1e-7, n
+
+
+def test_shared_prompt_row_layout_and_tree_mask():
+    from dpo_fast.data import PreferenceExample
+
+    a = PreferenceExample(np.array([5, 6]), np.array([7, 8]), np.array([9]))
+    b = PreferenceExample(np.array([10]), np.array([11]), np.array([12, 13]))
+    mb = make_micro_batch([a, b], PACKED_SDPA, share_prompt=True)
+    assert mb.model_inputs["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert mb.model_inputs["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2]
+    assert mb.num_tokens == 2 * 2 + 2 + 1 + 2 * 1 + 1 + 2  # prompts counted per sequence
+    # chosen a, chosen b, rejected a, rejected b: row 1 (a's last prompt token) predicts both
+    # of a's first response tokens, row 5 both of b's.
+    assert mb.hidden_index.tolist() == [1, 2, 5, 1, 5, 7]
+    assert mb.targets.tolist() == [7, 8, 11, 9, 12, 13]
+    assert mb.seq_index.tolist() == [0, 0, 1, 2, 3, 3]
+    T, F_ = True, False
+    want = [[T, F_, F_, F_, F_],  # prompt 5
+            [T, T, F_, F_, F_],  # prompt 6
+            [T, T, T, F_, F_],  # chosen 7
+            [T, T, T, T, F_],  # chosen 8
+            [T, T, F_, F_, T]]  # rejected 9: the prompt and itself, not the chosen tokens
+    m = mb.model_inputs["attention_mask"][0, 0]
+    assert m[:5, :5].tolist() == want
+    assert not m[:5, 5:].any() and not m[5:, :5].any()  # pairs never see each other
+    assert m[5:, 5:].tolist() == [[T, F_, F_, F_], [T, T, F_, F_], [T, F_, T, F_],
+                                  [T, F_, T, T]]
+    # A sliding window counts positions, not row offsets: rejected 9 (position 2) with a
+    # window of 2 sees prompt 6 (position 1) and itself.
+    w = make_micro_batch([a], PACKED_EAGER, masks={"": 2}, share_prompt=True)
+    mw = w.model_inputs["attention_mask"][0, 0]
+    assert (mw[4] == 0).tolist() == [F_, T, F_, F_, T]
+    assert make_micro_batch([a], PACKED_FLASH, share_prompt=True).hidden_index is None
 
 
 def _other_models():
@@ -174,8 +210,8 @@ def test_heads_match_full_logits(name):
     truth = float(dpo_truth(truth_logps, ref))
     path = attention_path(model, "auto", torch.device("cpu"))
     assert path != PADDED
-    for p in (path, PADDED):
-        mb = make_micro_batch(examples, p, masks=mask_plan(model))
+    for p, share in ((path, False), (path, True), (PADDED, False)):
+        mb = make_micro_batch(examples, p, masks=mask_plan(model), share_prompt=share)
         out = micro_batch_loss(parts, mb, ref, HeadSpec(*head_settings(model, None, 1.0)),
                                dict(beta=0.1))
         got = float(out.loss.detach())
@@ -190,7 +226,8 @@ def test_a_leaking_packed_path_is_refused_or_replaced(monkeypatch):
     # A mask that lets sequences see each other: the startup check must catch it.
     real = batching.block_causal_mask
     monkeypatch.setattr(batching, "block_causal_mask",
-                        lambda seq, kind, window=None: real(torch.zeros_like(seq), kind, window))
+                        lambda seq, kind, window=None, pos=None, branch=None:
+                        real(torch.zeros_like(seq), kind, window, pos, branch))
     with pytest.warns(RuntimeWarning, match="padded batches"):
         assert attention_path(model, "auto", torch.device("cpu")) == PADDED
     with pytest.raises(ValueError, match="attention='packed' is not sound"):

@@ -12,6 +12,16 @@ each sequence and ``seq_index`` naming each position's sequence. Attention must 
 sequences: a block-diagonal causal mask ``[1, 1, L, L]`` (bool for sdpa, additive float for
 eager) or, with flash-attn, the varlen kernels transformers picks from the restarting
 position ids. The padded layout (:func:`dpo_fast.pack_pair_batch`) is the fallback.
+
+Shared prompts (mask paths, ``share_prompt=True``): each pair is laid out once as
+``prompt | chosen | rejected`` (P + C + R tokens instead of 2P + C + R). The rejected response's
+position ids continue from the prompt (P, P+1, ...), exactly as in its own sequence, and the
+mask is a tree: prompt tokens see the earlier prompt, each response sees the prompt and its own
+earlier tokens, never the other response. Every response token therefore sees exactly the
+context it has in its own sequence, so hidden states, log-probs and gradients are those of the
+two separate sequences (the prompt's gradient is the sum of what its two copies would get). The
+last prompt position predicts the first token of both responses, so the loss reads the hidden
+states through ``hidden_index`` (that row appears twice).
 """
 
 from __future__ import annotations
@@ -37,8 +47,14 @@ PADDED = "padded"
 
 
 def pair_tokens(ex: PreferenceExample) -> int:
-    """Tokens the pair occupies packed: prompt twice plus both responses."""
+    """Tokens of the pair's two sequences: prompt twice plus both responses (what TRL and the
+    throughput figures count)."""
     return int(2 * ex.prompt_ids.size + ex.chosen_ids.size + ex.rejected_ids.size)
+
+
+def shared_pair_tokens(ex: PreferenceExample) -> int:
+    """Tokens the pair occupies in a shared-prompt row: the prompt once plus both responses."""
+    return int(ex.prompt_ids.size + ex.chosen_ids.size + ex.rejected_ids.size)
 
 
 def epoch_steps(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
@@ -82,8 +98,11 @@ def split_step(step: Sequence[int], cost: Callable[[Sequence[int]], int], max_to
     return out
 
 
-def packed_cost(examples: Sequence[PreferenceExample]) -> Callable[[Sequence[int]], int]:
-    return lambda idx: sum(pair_tokens(examples[i]) for i in idx)
+def packed_cost(examples: Sequence[PreferenceExample], share_prompt: bool = False
+                ) -> Callable[[Sequence[int]], int]:
+    """Row length of a packed micro-batch of pairs ``idx``."""
+    size = shared_pair_tokens if share_prompt else pair_tokens
+    return lambda idx: sum(size(examples[i]) for i in idx)
 
 
 def padded_cost(examples: Sequence[PreferenceExample]) -> Callable[[Sequence[int]], int]:
@@ -97,14 +116,18 @@ class MicroBatch:
     Attributes:
         layout: "packed" or "padded".
         num_pairs: B.
-        num_tokens: real (non-padding) tokens, prompts counted per sequence.
+        num_tokens: real (non-padding) tokens, prompts counted per sequence (also when the
+            row holds each prompt once).
         model_inputs: keyword arguments of the body: packed -> ``input_ids [1, L]``,
             ``position_ids [1, L]`` and (mask paths) ``attention_mask [1, 1, L, L]``; padded
             -> ``input_ids [2B, T]``, ``attention_mask [2B, T]``.
         targets: packed [L] / padded [2B, T] int64 next-token ids, ``IGNORE_INDEX`` off the
-            responses.
-        seq_index: packed [L] int64 sequence of each position (None for padded).
+            responses; shared-prompt rows: [M] targets of the rows ``hidden_index`` picks.
+        seq_index: packed [L] (shared prompts: [M]) int64 sequence of each position (None for
+            padded).
         keys: uint8 [B, 16] content keys of the pairs (reference-cache lookup).
+        hidden_index: shared-prompt rows only: [M] int64 positions of the row whose hidden
+            states predict the M response tokens (the last prompt position twice per pair).
     """
 
     layout: str
@@ -114,6 +137,7 @@ class MicroBatch:
     targets: Tensor
     seq_index: Optional[Tensor]
     keys: np.ndarray
+    hidden_index: Optional[Tensor] = None
 
     def to(self, device) -> "MicroBatch":
         def move(v):
@@ -125,17 +149,30 @@ class MicroBatch:
         return MicroBatch(self.layout, self.num_pairs, self.num_tokens, mv,
                           self.targets.to(device, non_blocking=True),
                           None if self.seq_index is None else self.seq_index.to(device),
-                          self.keys)
+                          self.keys,
+                          None if self.hidden_index is None else self.hidden_index.to(device))
 
 
-def block_causal_mask(seq: Tensor, kind: str, window: Optional[int] = None) -> Tensor:
+def block_causal_mask(seq: Tensor, kind: str, window: Optional[int] = None,
+                      pos: Optional[Tensor] = None, branch: Optional[Tensor] = None) -> Tensor:
     """[1, 1, L, L] causal mask that keeps each sequence of ``seq [L]`` to itself (and, with
     ``window``, each query to the last ``window`` keys, transformers' sliding window): bool
-    (True = attend; sdpa) or float (0 / -inf added to the scores; eager)."""
+    (True = attend; sdpa) or float (0 / -inf added to the scores; eager).
+
+    Shared-prompt rows pass ``seq`` = the pair of each position, ``pos [L]`` its position id and
+    ``branch [L]`` (0 prompt, 1 chosen, 2 rejected): a query sees the keys of its pair at
+    positions up to its own that are prompt or on its own branch (windows count positions)."""
     n = seq.shape[0]
-    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril_()
-    if window is not None:
-        allowed &= torch.ones(n, n, dtype=torch.bool).triu_(-(window - 1))
+    allowed = seq[:, None] == seq[None, :]
+    if pos is None:
+        allowed &= torch.ones(n, n, dtype=torch.bool).tril_()
+        if window is not None:
+            allowed &= torch.ones(n, n, dtype=torch.bool).triu_(-(window - 1))
+    else:
+        dist = pos[:, None] - pos[None, :]
+        allowed &= (dist >= 0) & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+        if window is not None:
+            allowed &= dist < window
     if kind == "bool":
         return allowed[None, None]
     return torch.zeros(n, n).masked_fill_(~allowed, float("-inf"))[None, None]
@@ -158,12 +195,60 @@ def mask_plan(model) -> Optional[Dict[str, Optional[int]]]:
     return {"": window}
 
 
+def _masks(plan: Optional[Dict[str, Optional[int]]], kind: str, seq: Tensor,
+           pos: Optional[Tensor] = None, branch: Optional[Tensor] = None):
+    """One mask for all layers, or {layer type: mask} (transformers takes a dict then)."""
+    plan = plan if plan is not None else {"": None}
+    built = {t: block_causal_mask(seq, kind, w, pos, branch) for t, w in plan.items()}
+    return built[""] if "" in built else built
+
+
+def _shared_micro_batch(examples: Sequence[PreferenceExample], path: str,
+                        masks: Optional[Dict[str, Optional[int]]], keys: np.ndarray
+                        ) -> MicroBatch:
+    """Shared-prompt packed row (see the module docstring): pair i as prompt | chosen |
+    rejected."""
+    b = len(examples)
+    total = sum(shared_pair_tokens(e) for e in examples)
+    ids = np.empty(total, np.int64)
+    pos = np.empty(total, np.int64)
+    grp = np.empty(total, np.int64)
+    branch = np.empty(total, np.int64)
+    rows: List[np.ndarray] = [None] * (2 * b)
+    tgts: List[np.ndarray] = [None] * (2 * b)
+    o = 0
+    for i, e in enumerate(examples):
+        p, c, r = e.prompt_ids, e.chosen_ids, e.rejected_ids
+        lp, lc, lr = p.size, c.size, r.size
+        end = o + lp + lc + lr
+        ids[o:end] = np.concatenate([p, c, r])
+        pos[o:end] = np.concatenate([np.arange(lp), lp + np.arange(lc), lp + np.arange(lr)])
+        grp[o:end] = i
+        branch[o:end] = np.repeat([0, 1, 2], [lp, lc, lr])
+        last = o + lp - 1  # the last prompt position predicts both responses' first token
+        rows[i] = np.concatenate([[last], np.arange(o + lp, o + lp + lc - 1)])
+        rows[b + i] = np.concatenate([[last], np.arange(o + lp + lc, end - 1)])
+        tgts[i], tgts[b + i] = c, r
+        o = end
+    hidden_index = np.concatenate(rows).astype(np.int64)
+    seq_index = np.repeat(np.arange(2 * b), [t.size for t in tgts])
+    ids_t, pos_t, grp_t, br_t = (torch.from_numpy(a) for a in (ids, pos, grp, branch))
+    kind = "bool" if path == PACKED_SDPA else "float"
+    inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None],
+              "attention_mask": _masks(masks, kind, grp_t, pos_t, br_t)}
+    return MicroBatch("packed", b, sum(pair_tokens(e) for e in examples), inputs,
+                      torch.from_numpy(np.concatenate(tgts).astype(np.int64)),
+                      torch.from_numpy(seq_index), keys, torch.from_numpy(hidden_index))
+
+
 def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
                      pad_token_id: int = 0,
-                     masks: Optional[Dict[str, Optional[int]]] = None) -> MicroBatch:
+                     masks: Optional[Dict[str, Optional[int]]] = None,
+                     share_prompt: bool = False) -> MicroBatch:
     """Builds the :class:`MicroBatch` of ``examples`` for attention ``path`` (one of
     :data:`PACKED_SDPA`, :data:`PACKED_EAGER`, :data:`PACKED_FLASH`, :data:`PADDED`);
-    ``masks`` is the model's :func:`mask_plan` (default: one full-attention mask)."""
+    ``masks`` is the model's :func:`mask_plan` (default: one full-attention mask);
+    ``share_prompt`` lays each pair's prompt once (mask paths only; ignored otherwise)."""
     b = len(examples)
     keys = np.frombuffer(b"".join(e.key_bytes for e in examples), dtype=np.uint8).reshape(b, 16)
     if path == PADDED:
@@ -171,6 +256,8 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
         return MicroBatch("padded", b, int(pb.attention_mask.sum()),
                           {"input_ids": pb.input_ids, "attention_mask": pb.attention_mask},
                           pb.targets, None, keys)
+    if share_prompt and path in (PACKED_SDPA, PACKED_EAGER):
+        return _shared_micro_batch(examples, path, masks, keys)
     seqs = [(e.prompt_ids, e.chosen_ids) for e in examples] + \
            [(e.prompt_ids, e.rejected_ids) for e in examples]
     total = sum(p.size + y.size for p, y in seqs)
@@ -190,11 +277,8 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
     ids_t, pos_t, seq_t = (torch.from_numpy(a) for a in (ids, pos, seq))
     inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None]}
     if path in (PACKED_SDPA, PACKED_EAGER):
-        kind = "bool" if path == PACKED_SDPA else "float"
-        plan = masks if masks is not None else {"": None}
-        built = {t: block_causal_mask(seq_t, kind, w) for t, w in plan.items()}
-        # One mask for all layers, or one per layer type (transformers takes a dict then).
-        inputs["attention_mask"] = built[""] if "" in built else built
+        inputs["attention_mask"] = _masks(masks, "bool" if path == PACKED_SDPA else "float",
+                                          seq_t)
     elif path != PACKED_FLASH:
         raise ValueError(f"unknown attention path {path!r}")
     return MicroBatch("packed", b, total, inputs, torch.from_numpy(tgt), seq_t, keys)
@@ -237,10 +321,11 @@ def attention_path(model, requested: str, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def verify_packing(model, path: str, device: torch.device) -> Tuple[bool, str]:
-    """Runs two short random sequences alone and packed through the model's body (eval mode)
-    and compares the hidden states: a leak across the sequences moves them by O(1), fp32
-    noise by ~1e-6."""
+def verify_packing(model, path: str, device: torch.device, share_prompt: bool = False
+                   ) -> Tuple[bool, str]:
+    """Runs a pair's two short random sequences alone and packed (``share_prompt``: in one
+    shared-prompt row) through the model's body (eval mode) and compares the hidden states: a
+    leak across the sequences moves them by O(1), fp32 noise by ~1e-6."""
     body = model_parts(model).body
     was = model.training
     model.eval()
@@ -254,8 +339,11 @@ def verify_packing(model, path: str, device: torch.device) -> Tuple[bool, str]:
         # Packed as one pair: (prompt + chosen) = seqs[0]; (prompt + rejected) shares the prompt.
         ref2 = torch.cat([seqs[0][:4], seqs[1][1:]])
         alone[1] = body(input_ids=ref2[None].to(device), use_cache=False).last_hidden_state[0]
-        mb = make_micro_batch([ex], path, masks=mask_plan(model)).to(device)
+        mb = make_micro_batch([ex], path, masks=mask_plan(model),
+                              share_prompt=share_prompt).to(device)
         packed = body(**mb.model_inputs, use_cache=False).last_hidden_state[0]
+        if mb.hidden_index is not None:  # the rejected sequence's prompt is not repeated
+            alone[1] = alone[1][ex.prompt_ids.size:]
         want = torch.cat(alone).float()
         err = (packed.float() - want).abs().max().item()
         scale = want.abs().max().item()

@@ -48,6 +48,9 @@ class TrainConfig:
         device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
         attention: auto (packed if the model keeps packed sequences apart, else padded),
             packed (fail if it cannot) or padded.
+        share_prompt: In packed rows with a block mask, lay each pair out as the prompt, then
+            both responses, so the prompt is computed once (a tree mask keeps each response to
+            its own context; same results as two sequences).
         gradient_checkpointing: Recompute the body's activations in backward.
         torch_compile: torch.compile the model body.
         lora_r: LoRA rank; set it to train peft LoRA adapters (pip install peft) instead of
@@ -125,7 +128,8 @@ class TrainConfig:
         sample_scorer: Score the samples: vader (sentiment, pip install vaderSentiment) or
             null.
         impl: Kernel backend of the fused ops: auto, cpu, torch, triton.
-        ref_batch_tokens: Padded token budget of a reference-cache forward batch.
+        ref_batch_tokens: Padded token budget of a reference-cache forward batch (default:
+            1024 on CPU, where small batches stay in cache, 16384 on GPU).
         report_to: Extra loggers: tensorboard (when installed) and / or plots (PNG,
             matplotlib); [] = metrics.jsonl only.
     """
@@ -138,6 +142,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     attention: Literal["auto", "packed", "padded"] = "auto"
+    share_prompt: bool = True
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     lora_r: Optional[int] = None
@@ -201,7 +206,7 @@ class TrainConfig:
     sample_temperature: float = 1.0
     sample_scorer: Optional[Literal["vader"]] = None
     impl: str = "auto"
-    ref_batch_tokens: int = 16384
+    ref_batch_tokens: Optional[int] = None
     report_to: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ derived values
@@ -358,7 +363,7 @@ class TrainConfig:
         integer("lora_r", 1, optional=True)
         number("lora_alpha", 0.0, lo_open=True)
         number("lora_dropout", 0.0, 1.0, hi_open=True)
-        integer("ref_batch_tokens", 2)
+        integer("ref_batch_tokens", 2, optional=True)
         integer("max_eval_samples", 1, optional=True)
         integer("sample_prompts", 0)
         integer("sample_max_new_tokens", 1)

@@ -414,7 +414,7 @@ class Trainer:
             self._emit("on_ref_progress", p)
 
         cache = RefLogProbCache.ensure(ref, examples, path, fingerprint=fp,
-                                       batch_tokens=cfg.ref_batch_tokens, progress=progress)
+                                       batch_tokens=self._ref_batch_tokens(), progress=progress)
         if ref is not self.model:
             del ref
             gc.collect()
@@ -429,6 +429,13 @@ class Trainer:
         if self.eval_data is not None:
             c, r = cache.lookup([e.key_bytes for e in self.eval_data.examples], split=True)
             self._ref_eval = np.stack([c.numpy(), r.numpy()], axis=1)
+
+    def _ref_batch_tokens(self) -> int:
+        """``ref_batch_tokens``, or its device default: 1024 on CPU (measured on SmolLM2: 1.7x
+        faster than 16384-token batches, whose activations fall out of cache), 16384 else."""
+        if self.config.ref_batch_tokens is not None:
+            return self.config.ref_batch_tokens
+        return 1024 if self.device.type == "cpu" else 16384
 
     def plan(self) -> None:
         """Steps per epoch, total steps, pair lengths (the inputs of the data order)."""
@@ -488,9 +495,13 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameter")
         if cfg.optimizer == "adamw":
+            # The fused kernel (TRL's default adamw_torch_fused) where torch has one: one pass
+            # over each tensor, no per-step temporaries (~5x faster than foreach on CPU).
+            fused = self.device.type in ("cpu", "cuda") and all(
+                p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in self.params)
             self.optimizer = torch.optim.AdamW(
                 self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
         else:
             self.optimizer = torch.optim.RMSprop(self.params, lr=cfg.learning_rate,
                                                  weight_decay=cfg.weight_decay)
@@ -510,13 +521,23 @@ class Trainer:
         self.head = HeadSpec(softcap, temperature, compute, cfg.impl)
         self.attention = attention_path(self.model, cfg.attention, self.device)
         self._masks = mask_plan(self.model)
+        self.share_prompt = cfg.share_prompt and self.attention in (batching.PACKED_SDPA,
+                                                                    batching.PACKED_EAGER)
+        if self.share_prompt:
+            ok, detail = batching.verify_packing(self.model, self.attention, self.device,
+                                                 share_prompt=True)
+            if not ok:
+                warnings.warn(f"{type(self.model).__name__}: prompts are not shared in packed "
+                              f"rows (a shared-prompt forward differs: {detail})",
+                              RuntimeWarning, stacklevel=2)
+                self.share_prompt = False
 
     # -- computing --------------------------------------------------------------------
 
     def _micro_batches(self, examples, idx: Sequence[int]):
         cfg = self.config
-        cost = (batching.padded_cost if self.attention == PADDED
-                else batching.packed_cost)(examples)
+        cost = (batching.padded_cost(examples) if self.attention == PADDED
+                else batching.packed_cost(examples, self.share_prompt))
         return split_step(idx, cost, cfg.max_tokens_per_micro_batch, cfg.micro_batch_size)
 
     def _ref(self, table: Optional[np.ndarray], idx: Sequence[int]) -> Optional[torch.Tensor]:
@@ -528,7 +549,7 @@ class Trainer:
     def _run_micro(self, examples, table, idx: Sequence[int]):
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         mb = make_micro_batch([examples[i] for i in idx], self.attention, pad or 0,
-                              masks=self._masks)
+                              masks=self._masks, share_prompt=self.share_prompt)
         mb = mb.to(self.device)
         out = micro_batch_loss(self.parts, mb, self._ref(table, idx), self.head,
                                self.config.loss_kwargs(), precision=self.config.precision,
@@ -554,7 +575,7 @@ class Trainer:
                 ref = _load_model(ref_model, self._model_dtype(), self.device, "ref_model")
                 path = ref_cache_dir or self.output_dir / "ref_cache"
                 cache = RefLogProbCache.ensure(
-                    ref, self.eval_data.examples, path, batch_tokens=cfg.ref_batch_tokens,
+                    ref, self.eval_data.examples, path, batch_tokens=self._ref_batch_tokens(),
                     fingerprint=fingerprint(ref, self.tokenizer, max_length=cfg.max_length))
                 del ref
                 gc.collect()

@@ -61,6 +61,8 @@ def micro_batch_loss(parts: ModelParts, batch: MicroBatch, ref_logps: Optional[T
     dev = parts.weight.device
     with autocast_context(precision, dev):
         hidden = body_forward(body if body is not None else parts.body, batch)
+    if batch.hidden_index is not None:  # shared-prompt row: the rows that predict responses
+        hidden = hidden.index_select(0, batch.hidden_index)
     w, bias = parts.weight, parts.bias
     dt = head.compute_dtype
     if dt is not None:
