@@ -4,6 +4,7 @@
 # and the side-by-side benchmarks. Logs and result files go to $OUT (default /tmp/gpu_out).
 #
 #   bash benchmarks/gpu_session.sh [stage ...]     stages: env tests kernels rows sweep logprobs dpo
+#                                                   train fit (the training benchmark: gpu_train.sh)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -36,6 +37,13 @@ for s in $stages; do
     logprobs) run logprobs "${T_LOGPROBS:-200}" python3 benchmarks/bench_logprobs.py --device cuda --dtype bfloat16 --shapes smol,llama ${LOGPROBS_METHODS:+--methods $LOGPROBS_METHODS}
               ;;
     dpo|dpo0) run $s "${T_DPO:-200}" python3 benchmarks/bench_dpo_loss.py --device cuda --dtype bfloat16 --pairs 4 --seq 1024 --dim 4096 --vocab 128256 --prompt-len "$([ $s = dpo0 ] && echo 0 || echo 256)" --methods "${DPO_METHODS:-naive,dpo_fast,dpo_fast-scratch,liger+ref,liger-noref,cce}" ;;
+    train) run train "${T_TRAIN:-240}" python3 benchmarks/bench_train.py --device cuda \
+             --precision bf16 --arch "${ARCH:-llama-1b}" --synthetic "${SEQ:-2048}" \
+             --prompt-share 0.5 --steps "${STEPS:-8}" --warmup 3 --batch-size 4 --threads 8 \
+             --name "train_cuda_${ARCH:-llama-1b}" --workdir /tmp/bench_train ;;
+    fit) run fit "${T_FIT:-150}" python3 benchmarks/bench_train.py --device cuda \
+           --precision bf16 --arch "${ARCH:-llama-1b}" --max-fit 8192 16384 32768 65536 \
+           --threads 8 --name "train_cuda_${ARCH:-llama-1b}_maxfit" --workdir /tmp/bench_train ;;
     quick) run quick "${T_QUICK:-120}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py -k "${QUICK_K:-oracle and triton-bfloat16 or fused_loss_vs_unfused and triton-bfloat16 or many_chunks or deterministic}" ;;
     *) echo "unknown stage $s" ;;
   esac

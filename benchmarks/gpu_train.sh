@@ -14,7 +14,8 @@
 # (fetch once here with `bash benchmarks/gpu_train.sh --fetch-wheels`, then name .whl in the
 # device run's carry list).
 #
-#   bash benchmarks/gpu_train.sh [--fetch-wheels] [stage ...]   stages: tests bench fit
+#   bash benchmarks/gpu_train.sh [--fetch-wheels] [stage ...]   stages: tests train fit
+#   (ARCH=qwen2.5-1.5b, SEQ=4096, STEPS=... override the shape)
 set -u
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -28,42 +29,5 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   ls -la .whl
   exit 0
 fi
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export DPO_FAST_TEST_GPU=1
-ARCH=${ARCH:-llama-1b}
-SEQ=${SEQ:-2048}
-stages=${*:-tests bench fit}
-
-run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, show its tail
-  local name=$1 t=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
-  echo "--- rc=$? ($(date +%T))"
-  tail -n "${TAIL:-40}" "$OUT/$name.log"
-}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-for s in $stages; do
-  case $s in
-    tests) run tests "${T_TESTS:-200}" python3 -m pytest -q -ra -p no:cacheprovider \
-             tests/test_gpu.py ;;
-    bench) run bench "${T_BENCH:-240}" python3 benchmarks/bench_train.py --device cuda \
-             --precision bf16 --arch "$ARCH" --synthetic "$SEQ" --prompt-share 0.5 \
-             --steps "${STEPS:-8}" --warmup 3 --batch-size 4 --threads 8 \
-             --name "train_cuda_$ARCH" --workdir /tmp/bench_train ;;
-    fit) run fit "${T_FIT:-150}" python3 benchmarks/bench_train.py --device cuda \
-           --precision bf16 --arch "$ARCH" --max-fit 8192 16384 32768 65536 --threads 8 \
-           --name "train_cuda_${ARCH}_maxfit" --workdir /tmp/bench_train ;;
-    *) echo "unknown stage $s" ;;
-  esac
-done
-# Result tables in one file (a lease returns at most 8 files).
-tar -cf "$OUT/results.tar" benchmarks/results/train_cuda* 2>/dev/null \
-  && echo "results.tar: $(tar -tf "$OUT/results.tar" | tr '\n' ' ')"
+# The stages live in gpu_session.sh (wheel install, logging, the results tarball).
+exec bash benchmarks/gpu_session.sh env ${*:-tests train fit}
