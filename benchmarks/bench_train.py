@@ -248,11 +248,8 @@ def _device_peak(args) -> Optional[float]:
 
 def worker_trl(args, model_dir: str) -> Dict[str, Any]:
     order = _visit(args, model_dir)
-    rec = trl_parity.run_trl(model_dir, order.rows, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, beta=0.1,
-                             loss_type="sigmoid", max_length=args.max_length, seed=args.seed,
-                             device=args.device, precision=args.precision,
-                             **TRL_CASES[args.case])
+    rec = trl_parity.run_trl(model_dir, order.rows, **_settings(args), device=args.device,
+                             precision=args.precision, **TRL_CASES[args.case])
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
                    "times": [s["time_s"] for s in rec["steps"]],
                    "tokens": [s["tokens"] for s in rec["steps"]],
@@ -328,57 +325,27 @@ def _reset_peaks(args) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _dpo_fast_config(args, model_dir: str, rows, out: str, cache: str, **kw):
-    from dpo_fast.train import TrainConfig
-
-    return TrainConfig(model=model_dir, train_data=rows, output_dir=out, ref_cache_dir=cache,
-                       data_cache_dir="", max_steps=args.steps, batch_size=args.batch_size,
-                       learning_rate=args.lr, beta=0.1, loss_type="sigmoid",
-                       max_length=args.max_length, seed=args.seed, logging_steps=1,
-                       save_steps=None, save_final_model=False, max_grad_norm=1.0,
-                       lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                       device=args.device, precision=args.precision, **kw)
+def _settings(args) -> Dict[str, Any]:
+    """The training settings every case shares (``trl_parity.run_trl`` / ``run_dpo_fast``)."""
+    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=0.1,
+                loss_type="sigmoid", max_length=args.max_length, seed=args.seed)
 
 
 def worker_dpo_fast(args, model_dir: str) -> Dict[str, Any]:
-    from dpo_fast.train import Trainer, TrainerCallback
-
+    """dpo_fast's trainer on all rows (it picks the visited pairs), reusing the cache the
+    precompute worker filled (the second run)."""
     order = _visit(args, model_dir)
-    times, stamp, visited = [], [0.0], []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, trainer, state):
-            _reset_peaks(args)
-            harness.sync(args.device)
-            stamp[0] = time.perf_counter()
-
-        def on_step_end(self, trainer, state):
-            harness.sync(args.device)
-            now = time.perf_counter()
-            times.append(now - stamp[0])
-            stamp[0] = now
-
-    class Recording(Trainer):
-        def _train_step(self, idx):
-            visited.append([int(i) for i in idx])
-            return super()._train_step(idx)
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg = _dpo_fast_config(args, model_dir, _all_rows(args, model_dir), out, args.ref_cache,
-                               gradient_checkpointing=args.case == "dpo_fast_ckpt")
-        trainer = Recording(cfg, callbacks=[Clock()])
-        res = trainer.train()
-        loop_peak = harness.hwm_bytes() / 2**20
-        logs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-        ids = [trl_parity._example_ids(trainer.train_data.examples[i])
-               for s in visited for i in s]
-    if ids != order.ids:
+    rec = trl_parity.run_dpo_fast(model_dir, _all_rows(args, model_dir), **_settings(args),
+                                  gradient_checkpointing=args.case == "dpo_fast_ckpt",
+                                  ref_cache_dir=args.ref_cache, device=args.device,
+                                  precision=args.precision)
+    if rec["ids"] != order.ids:
         raise RuntimeError("dpo_fast trained on other pairs than the planned visit order")
-    return _peaks({"losses": [m["loss"] for m in logs if "loss" in m], "times": times,
-                   "tokens": order.tokens_per_step, "peak_rss_mb": loop_peak,
-                   "device_peak_mb": _device_peak(args),
-                   "precompute_s": res.precompute_seconds, "attention": res.attention,
-                   "share_prompt": bool(trainer.share_prompt)})
+    return _peaks({"losses": [s["loss"] for s in rec["steps"]],
+                   "times": [s["time_s"] for s in rec["steps"]],
+                   "tokens": [s["tokens"] for s in rec["steps"]],
+                   "peak_rss_mb": rec["peak_rss_mb"], "device_peak_mb": rec.get("peak_gpu_mb"),
+                   "precompute_s": rec["precompute_s"], "attention": rec["attention"]})
 
 
 def worker_dpo_fast_precompute(args, model_dir: str) -> Dict[str, Any]:
@@ -388,8 +355,9 @@ def worker_dpo_fast_precompute(args, model_dir: str) -> Dict[str, Any]:
     order = _visit(args, model_dir)
     shutil.rmtree(args.ref_cache, ignore_errors=True)
     with tempfile.TemporaryDirectory() as out:
-        t = Trainer(_dpo_fast_config(args, model_dir, _all_rows(args, model_dir), out,
-                                     args.ref_cache))
+        t = Trainer(trl_parity.dpo_fast_config(
+            model_dir, _all_rows(args, model_dir), output_dir=out, ref_cache_dir=args.ref_cache,
+            **_settings(args), device=args.device, precision=args.precision))
         t.prepare_data()
         t.plan()
         t.prepare_model()
@@ -463,9 +431,9 @@ def report(variant: str, args, res: Dict[str, Any], peak_gflops: float) -> str:
     mem_key = "device_peak_mb" if args.device == "cuda" else "peak_rss_mb"
     mem_name = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB (loop)"
     rows = []
+    ref_losses = res["trl_default"]["losses"] if "trl_default" in res else None
     for c in cases:
         x = s[c]
-        ref_losses = res["trl_default"]["losses"] if "trl_default" in res else None
         diff = max(abs(a - b) for a, b in zip(res[c]["losses"], ref_losses)) \
             if ref_losses else None
         rows.append([LABELS[c], harness.fmt(x["median_step_s"], ".2f"),
@@ -634,14 +602,7 @@ def main() -> None:
                                          else VARIANTS[variant]["max_length"])
         vargs = argparse.Namespace(**{**vars(args), "variant": variant, "steps": steps,
                                       "max_length": max_length})
-        common = ["--variant", variant, "--steps", str(steps), "--max-length", str(max_length),
-                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                  "--seed", str(args.seed), "--threads", str(args.threads),
-                  "--device", args.device, "--precision", args.precision,
-                  "--synthetic", str(args.synthetic), "--prompt-share", str(args.prompt_share),
-                  "--workdir", str(work), "--ref-cache", str(work / f"ref_cache_{variant}")]
-        if args.arch:
-            common += ["--arch", args.arch]
+        common = _worker_args(vargs, work, work / f"ref_cache_{variant}")
         res: Dict[str, Any] = {}
         order = [c for c in ("dpo_fast_precompute",) + CASES + ("forward",) if c in args.cases]
         for case in order:
@@ -682,6 +643,17 @@ def main() -> None:
     print(md)
 
 
+def _worker_args(args, work: Path, ref_cache: Path) -> List[str]:
+    """The command line of a worker for ``args`` (one variant, its steps and max_length)."""
+    out = ["--variant", args.variant, "--steps", str(args.steps),
+           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--device", args.device, "--precision", args.precision,
+           "--synthetic", str(args.synthetic), "--prompt-share", str(args.prompt_share),
+           "--workdir", str(work), "--ref-cache", str(ref_cache)]
+    return out + (["--arch", args.arch] if args.arch else [])
+
+
 def max_fit(args, work: Path) -> None:
     """For TRL default and dpo_fast: the longest sequence (of ``--max-fit`` lengths, tried
     shortest first) with which one training step of 1 pair fits in memory."""
@@ -690,14 +662,9 @@ def max_fit(args, work: Path) -> None:
     for case in ("trl_default", "dpo_fast"):
         out[case] = {"fits": None, "tried": {}}
         for t in lengths:
-            common = ["--variant", "short", "--steps", "2", "--max-length", str(2 * t),
-                      "--batch-size", "1", "--lr", str(args.lr), "--seed", str(args.seed),
-                      "--threads", str(args.threads), "--device", args.device,
-                      "--precision", args.precision, "--synthetic", str(t),
-                      "--prompt-share", str(args.prompt_share), "--workdir", str(work),
-                      "--ref-cache", str(work / f"ref_cache_fit_{t}")]
-            if args.arch:
-                common += ["--arch", args.arch]
+            fit = argparse.Namespace(**{**vars(args), "variant": "short", "steps": 2,
+                                        "max_length": 2 * t, "batch_size": 1, "synthetic": t})
+            common = _worker_args(fit, work, work / f"ref_cache_fit_{t}")
             cases = ["dpo_fast_precompute", case] if case == "dpo_fast" else [case]
             for c in cases:  # dpo_fast: fill the cache, then train (a second run)
                 r = harness.run_worker(Path(__file__), [*common, "--case", c], timeout=1800,

@@ -370,11 +370,30 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
 # ------------------------------------------------------------------------------ dpo_fast
 
 
+def dpo_fast_config(model_dir: str, rows: Sequence[Dict[str, Any]], *, output_dir: str,
+                    ref_cache_dir: str, steps: int, batch_size: int, lr: float, beta: float,
+                    loss_type: str, max_length: Optional[int], seed: int,
+                    data_cache_dir: str = "", **kw):
+    """The :class:`dpo_fast.train.TrainConfig` with the settings :func:`run_trl` gives TRL
+    (AdamW, linear decay to 0 without warm-up, clipping at 1.0, no weight decay, a metrics
+    line per step, no saving); ``kw`` sets any other field."""
+    from dpo_fast.train import TrainConfig
+
+    return TrainConfig(
+        model=str(model_dir), train_data=list(rows), output_dir=str(output_dir),
+        ref_cache_dir=str(ref_cache_dir), data_cache_dir=data_cache_dir,
+        loss_type=loss_type, beta=beta, learning_rate=lr, batch_size=batch_size,
+        max_length=max_length, seed=seed, max_steps=steps, logging_steps=1,
+        save_steps=None, save_final_model=False, max_grad_norm=1.0,
+        lr_scheduler_type="linear", warmup_steps=0, warmup_ratio=0.0, weight_decay=0.0, **kw)
+
+
 def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
                  batch_size: int, lr: float, beta: float, loss_type: str,
                  max_length: Optional[int], seed: int, gradient_checkpointing: bool = False,
                  callbacks: Sequence[Any] = (), output_dir: Optional[str] = None,
-                 data_cache_dir: str = "") -> Dict[str, Any]:
+                 data_cache_dir: str = "", ref_cache_dir: Optional[str] = None,
+                 device: str = "cpu", precision: str = "fp32") -> Dict[str, Any]:
     """Runs :class:`dpo_fast.train.Trainer` on all of ``rows`` for ``steps`` steps with the
     settings :func:`run_trl` gives TRL; its own order decides which pairs are visited.
 
@@ -382,8 +401,10 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
     ``tokens`` counted from the visited pairs' ids; ``precompute_s`` = the reference-cache fill
     of this run, ``precompute_pairs`` the pairs it covered), plus ``visited`` (the example
     indices each ``_train_step`` received) and ``row_index`` (their input rows, flattened).
+    ``ref_cache_dir`` (default: a fresh one in the output folder) lets a later run reuse the
+    cache; ``device`` / ``precision`` as in :func:`run_trl` (``peak_gpu_mb`` on CUDA).
     """
-    from dpo_fast.train import TrainConfig, Trainer, TrainerCallback
+    from dpo_fast.train import Trainer, TrainerCallback
 
     rec: Dict[str, Any] = {"trainer": "dpo_fast", "times": [], "visited": [],
                            "peak_rss_mb": None}
@@ -391,15 +412,25 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
     class Clock(TrainerCallback):
         def on_train_begin(self, trainer, state):
             harness.reset_hwm()
+            if device == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            harness.sync(device)
             self.t = time.perf_counter()
 
         def on_step_end(self, trainer, state):
+            harness.sync(device)
             now = time.perf_counter()
             rec["times"].append(now - self.t)
             self.t = now
 
         def on_train_end(self, trainer, state, result):
             rec["peak_rss_mb"] = harness.hwm_bytes() / 2**20
+            if device == "cuda":
+                import torch
+
+                rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
     class Recording(Trainer):
         """Records the example indices of every optimizer step."""
@@ -410,14 +441,12 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(output_dir or tmp)
-        cfg = TrainConfig(
-            model=str(model_dir), train_data=list(rows), output_dir=str(out),
-            ref_cache_dir=str(out / "ref_cache"), data_cache_dir=data_cache_dir,
-            loss_type=loss_type, beta=beta, learning_rate=lr, batch_size=batch_size,
-            max_length=max_length, seed=seed, max_steps=steps, logging_steps=1,
-            save_steps=None, save_final_model=False, max_grad_norm=1.0,
-            lr_scheduler_type="linear", warmup_steps=0, warmup_ratio=0.0, weight_decay=0.0,
-            gradient_checkpointing=gradient_checkpointing)
+        cfg = dpo_fast_config(
+            model_dir, rows, output_dir=str(out),
+            ref_cache_dir=ref_cache_dir or str(out / "ref_cache"),
+            steps=steps, batch_size=batch_size, lr=lr, beta=beta, loss_type=loss_type,
+            max_length=max_length, seed=seed, data_cache_dir=data_cache_dir,
+            gradient_checkpointing=gradient_checkpointing, device=device, precision=precision)
         trainer = Recording(cfg, callbacks=[Clock(), *callbacks])
         res = trainer.train()
         logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
