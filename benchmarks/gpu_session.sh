@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh [stage ...]     stages: env tests kernels rows sweep logprobs dpo
 #                                                   train fit (the training benchmark: gpu_train.sh)
+#                                                   dist (torchrun x1: ddp / fsdp2 on nccl)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -44,6 +45,7 @@ for s in $stages; do
     fit) run fit "${T_FIT:-150}" python3 benchmarks/bench_train.py --device cuda \
            --precision bf16 --arch "${ARCH:-llama-1b}" --max-fit 8192 16384 32768 65536 \
            --threads 8 --name "train_cuda_${ARCH:-llama-1b}_maxfit" --workdir /tmp/bench_train ;;
+    dist) run dist "${T_DIST:-200}" python3 benchmarks/gpu_dist.py --device cuda --out /tmp/gpu_dist ;;
     quick) run quick "${T_QUICK:-120}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py -k "${QUICK_K:-oracle and triton-bfloat16 or fused_loss_vs_unfused and triton-bfloat16 or many_chunks or deterministic}" ;;
     *) echo "unknown stage $s" ;;
   esac

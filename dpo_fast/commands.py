@@ -145,8 +145,9 @@ def train_command(argv: List[str], err: TextIO) -> int:
     cfg, quiet, _ = parse_train_args(argv)
     from .train import ProgressCallback, Trainer
 
-    callbacks = [] if quiet else [ProgressCallback(err)]
-    if quiet:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    callbacks = [] if quiet or not main else [ProgressCallback(err)]
+    if quiet and main:
         callbacks.append(_LogLines(err))
         import datasets
         import transformers
@@ -154,10 +155,17 @@ def train_command(argv: List[str], err: TextIO) -> int:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
-    res = Trainer(cfg, callbacks=callbacks).train()
+    trainer = Trainer(cfg, callbacks=callbacks)
+    try:
+        res = trainer.train()
+    finally:
+        from .train.distributed import teardown
+
+        teardown(trainer.dist)
     err.flush()
-    sys.stdout.write(report(res, time.perf_counter() - t0))
-    sys.stdout.flush()
+    if main:
+        sys.stdout.write(report(res, time.perf_counter() - t0))
+        sys.stdout.flush()
     return 0
 
 

@@ -699,8 +699,8 @@ class _Poison(Trainer):
 
     bad = ()
 
-    def _run_micro(self, examples, table, idx):
-        mb, out = super()._run_micro(examples, table, idx)
+    def _run_micro(self, examples, table, idx, module=None):
+        mb, out = super()._run_micro(examples, table, idx, module)
         if self.state.global_step + 1 in self.bad:
             object.__setattr__(out, "loss", out.loss * float("nan"))
             object.__setattr__(out, "losses", out.losses * float("nan"))

@@ -11,6 +11,11 @@ A checkpoint is a directory ``<output_dir>/checkpoint-<step>``:
   state, numpy / Python RNG states;
 - ``checkpoint.json`` (the manifest, written last): format, step, each file's size and SHA-256.
 
+Several processes (torchrun): every rank writes its own ``rng-rank<r>.safetensors``; under
+FSDP2 ``model.safetensors`` / ``optimizer.pt`` are replaced by ``sharded/`` (each rank's
+parameter and optimizer shards through ``torch.distributed.checkpoint``'s safetensors writer)
+and the optimizer's hyper-parameters go into ``trainer_state.json``.
+
 Each file is written atomically inside ``.checkpoint-<step>.tmp-*``, the manifest last, then the
 directory is renamed into place and the parent directory fsync'd. Loading verifies sizes and
 hashes; a damaged newest checkpoint is reported and the one before it used.
@@ -86,52 +91,124 @@ def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def _fsdp_flat(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               zeros: bool = False) -> Dict[str, torch.Tensor]:
+    """FSDP2: model parameters and optimizer state as one flat dict of (sharded) tensors,
+    ``model/<fqn>`` and ``optim/<fqn>/<name>``; with ``zeros`` fresh zero tensors of the same
+    placement to load into (the optimizer may not have state yet)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, \
+        get_optimizer_state_dict
+
+    msd = get_model_state_dict(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}  # tied weights once
+    flat = {f"model/{k}": v for k, v in msd.items() if k in names}
+    if zeros:
+        flat = {k: torch.zeros_like(v) for k, v in flat.items()}
+        for n in sorted(names):
+            p = msd[n]
+            flat[f"optim/{n}/exp_avg"] = torch.zeros_like(p)
+            flat[f"optim/{n}/exp_avg_sq"] = torch.zeros_like(p)
+            flat[f"optim/{n}/step"] = torch.zeros((), dtype=torch.float32,
+                                                  device=p.device)
+        return flat
+    osd = get_optimizer_state_dict(model, optimizer)
+    for fqn, st in osd["state"].items():
+        for k, v in st.items():
+            flat[f"optim/{fqn}/{k}"] = v
+    return flat
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """Hyper-parameters of each group (JSON; the params lists left out)."""
+    out = []
+    for g in optimizer.param_groups:
+        out.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+                    if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))})
+    return out
+
+
 def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, state: Dict[str, Any],
-                    keep: Optional[int] = None) -> Path:
-    """Writes ``checkpoint-<step>`` (see the module docstring); keeps the newest ``keep``."""
+                    keep: Optional[int] = None, ctx=None) -> Path:
+    """Writes ``checkpoint-<step>`` (see the module docstring); keeps the newest ``keep``.
+
+    With ``ctx`` (a :class:`dpo_fast.train.distributed.DistContext` of several processes) every
+    rank calls this: rank 0 creates the temporary directory, each rank writes its RNG state
+    (``rng-rank<r>.safetensors``), FSDP2 writes the sharded parameters and optimizer state
+    through ``torch.distributed.checkpoint`` (safetensors files under ``sharded/``, one per
+    rank, shard offsets in their JSON metadata; DDP / one process: rank 0 writes
+    ``model.safetensors`` and ``optimizer.pt``), then rank 0 hashes every file into the
+    manifest and renames the directory into place. The output directory must be shared by
+    the ranks (one machine, or a shared filesystem)."""
     from safetensors.torch import save as st_save
 
+    rank = ctx.rank if ctx is not None else 0
+    multi = ctx is not None and ctx.active
+    fsdp = ctx is not None and ctx.strategy == "fsdp2"
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tag = ctx.broadcast_int(os.getpid()) if multi else os.getpid()
+    tmp = output_dir / f".checkpoint-{step}.tmp-{tag}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if multi:
+        ctx.barrier()
     try:
         rng = rng_state()
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
-        payload = {
-            "model.safetensors": st_save(trainable_state(model)),
-            "optimizer.pt": buf.getvalue(),
-            "rng.safetensors": st_save({k: v.contiguous() for k, v in rng["tensors"].items()}),
-            "trainer_state.json": json_bytes({**state, "scheduler": scheduler.state_dict(),
-                                              "rng": rng["json"]}),
-        }
-        files = {}
-        for name, data in payload.items():
-            atomic_write(tmp / name, data)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        atomic_write(tmp / MANIFEST, json_bytes({"format": FORMAT, "version": VERSION,
-                                                 "step": step, "files": files}))
-        if final.exists():  # a re-run of the same step (e.g. resumed after a kill) replaces it
-            old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(output_dir)
+        rng_name = "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+        atomic_write(tmp / rng_name, st_save({k: v.contiguous()
+                                              for k, v in rng["tensors"].items()}))
+        extra: Dict[str, Any] = {}
+        if fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+            dcp.save(_fsdp_flat(model, optimizer),
+                     storage_writer=HuggingFaceStorageWriter(str(tmp / "sharded"),
+                                                             save_distributed=True))
+            extra["optimizer_param_groups"] = _param_groups(optimizer)
+        elif rank == 0:
+            buf = io.BytesIO()
+            torch.save(optimizer.state_dict(), buf)
+            atomic_write(tmp / "model.safetensors", st_save(trainable_state(model)))
+            atomic_write(tmp / "optimizer.pt", buf.getvalue())
+        if multi:
+            ctx.barrier()
+        if rank == 0:
+            atomic_write(tmp / "trainer_state.json",
+                         json_bytes({**state, **extra, "scheduler": scheduler.state_dict(),
+                                     "rng": rng["json"]}))
+            files = {}
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size,
+                                                        "sha256": sha256_file(f)}
+            atomic_write(tmp / MANIFEST, json_bytes({"format": FORMAT, "version": VERSION,
+                                                     "step": step, "files": files}))
+            for sub in {p.parent for p in tmp.rglob("*") if p.is_file()} - {tmp}:
+                fsync_dir(sub)
+            if final.exists():  # a re-run of the same step (resumed after a kill) replaces it
+                old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(output_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for d in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(d, ignore_errors=True)
-    for d in output_dir.glob(".checkpoint-*"):  # leftovers of killed saves
-        if f"-{os.getpid()}" not in d.name:
-            shutil.rmtree(d, ignore_errors=True)
+    if rank == 0:
+        if keep is not None:
+            for d in checkpoint_dirs(output_dir)[:-keep]:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in output_dir.glob(".checkpoint-*"):  # leftovers of killed saves
+            if f"-{tag}" not in d.name:
+                shutil.rmtree(d, ignore_errors=True)
+    if multi:
+        ctx.barrier()
     return final
 
 
@@ -165,12 +242,30 @@ def find_resumable(output_dir: Path) -> Optional[Path]:
 
 
 def load_checkpoint(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> Dict[str, Any]:
+                    scheduler, ctx=None) -> Dict[str, Any]:
     """Restores ``model`` (trainable parameters), ``optimizer``, ``scheduler`` and the RNGs
-    from checkpoint ``d``; returns the trainer state."""
+    from checkpoint ``d``; returns the trainer state. Under several processes every rank calls
+    it (FSDP2: each reads its shards through ``torch.distributed.checkpoint``)."""
     from safetensors.torch import load_file
 
     verify_checkpoint(d)
+    rank = ctx.rank if ctx is not None else 0
+    state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+    if ctx is not None and ctx.strategy == "fsdp2":
+        _load_fsdp(d, model, optimizer, state.pop("optimizer_param_groups", None))
+    else:
+        if (d / "sharded").is_dir():
+            raise CheckpointError(f"{d}: written by an FSDP2 run (sharded/); resume it with "
+                                  "strategy=fsdp2 and the same number of processes")
+        _load_full(d, model, optimizer, load_file)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    own = d / f"rng-rank{rank}.safetensors"
+    set_rng_state(load_file(str(own if rank and own.is_file() else d / "rng.safetensors")),
+                  state.pop("rng"))
+    return state
+
+
+def _load_full(d: Path, model, optimizer, load_file) -> None:
     weights = load_file(str(d / "model.safetensors"))
     params = dict(model.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}
@@ -187,7 +282,40 @@ def load_checkpoint(d: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             params[n].copy_(t)
     opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt)
-    state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    set_rng_state(load_file(str(d / "rng.safetensors")), state.pop("rng"))
-    return state
+
+
+def _load_fsdp(d: Path, model, optimizer, groups: Optional[List[Dict[str, Any]]]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, \
+        set_optimizer_state_dict
+
+    if not (d / "sharded").is_dir():
+        raise CheckpointError(f"{d}: not written by an FSDP2 run (no sharded/); resume it with "
+                              "the strategy that wrote it")
+    dest = _fsdp_flat(model, optimizer, zeros=True)
+    try:
+        dcp.load(dest, storage_reader=HuggingFaceStorageReader(str(d / "sharded")))
+    except Exception as e:
+        raise CheckpointError(f"{d}: cannot read the sharded state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); was it written by "
+                              "this model with the same number of processes?") from e
+    model_sd = {k[len("model/"):]: v for k, v in dest.items() if k.startswith("model/")}
+    set_model_state_dict(model, model_sd, options=_strict())
+    ostate: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, v in dest.items():
+        if k.startswith("optim/"):
+            fqn, name = k[len("optim/"):].rsplit("/", 1)
+            ostate.setdefault(fqn, {})[name] = v
+    pg = [{**g, "params": [n for n, p in model.named_parameters() if p.requires_grad]}
+          for g in (groups or [{}])]
+    for g in pg:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    set_optimizer_state_dict(model, optimizer, {"state": ostate, "param_groups": pg})
+
+
+def _strict():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)

@@ -27,6 +27,7 @@ BAD_ROW_POLICIES = ("skip", "error")
 TRUNCATION_MODES = ("keep_start", "drop")
 ATTENTION_MODES = ("auto", "packed", "padded")
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("auto", "ddp", "fsdp2", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -128,6 +129,16 @@ class TrainConfig:
         sample_scorer: Score the samples: vader (sentiment, pip install vaderSentiment) or
             null.
         impl: Kernel backend of the fused ops: auto, cpu, torch, triton.
+        strategy: Under torchrun (WORLD_SIZE set): auto (ddp with several processes, none with
+            one), ddp (DistributedDataParallel: each process holds the whole model), fsdp2
+            (fully_shard: parameters, gradients and optimizer state sharded across processes)
+            or none. batch_size stays the pairs of one optimizer step over all processes.
+        dist_timeout: Seconds a process waits in a collective for its peers before the job
+            fails (a dead or hung peer ends the job instead of hanging it).
+        ref_rows_per_shard: Rows per reference-cache shard file. Under torchrun the shards of
+            the precompute are dealt to the processes (rank r computes shards i % N == r), so
+            N processes share the work when there are at least N shards; the cache is
+            byte-identical to a one-process build with the same value.
         ref_batch_tokens: Padded token budget of a reference-cache forward batch (default:
             1024 on CPU, where small batches stay in cache, 16384 on GPU).
         report_to: Extra loggers: tensorboard (when installed) and / or plots (PNG,
@@ -206,6 +217,9 @@ class TrainConfig:
     sample_temperature: float = 1.0
     sample_scorer: Optional[Literal["vader"]] = None
     impl: str = "auto"
+    strategy: Literal["auto", "ddp", "fsdp2", "none"] = "auto"
+    dist_timeout: float = 600.0
+    ref_rows_per_shard: int = 4096
     ref_batch_tokens: Optional[int] = None
     report_to: List[str] = field(default_factory=list)
 
@@ -316,11 +330,13 @@ class TrainConfig:
             raise ValueError("TrainConfig.train_data is required (a data file, a datasets "
                              "Dataset, a list of dicts or a datasets name)")
         for name in ("dtype", "precision", "attention", "optimizer", "lr_scheduler_type",
-                     "bad_rows", "truncation_mode"):
-            choice(name, {"dtype": DTYPES, "precision": PRECISIONS, "attention": ATTENTION_MODES,
+                     "bad_rows", "truncation_mode", "strategy"):
+            choice(name, {"strategy": STRATEGIES, "dtype": DTYPES, "precision": PRECISIONS, "attention": ATTENTION_MODES,
                           "optimizer": OPTIMIZERS, "lr_scheduler_type": SCHEDULERS,
                           "bad_rows": BAD_ROW_POLICIES, "truncation_mode": TRUNCATION_MODES,
                           }[name])
+        number("dist_timeout", 0.0, lo_open=True)
+        integer("ref_rows_per_shard", 1)
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -9,6 +9,7 @@ log-probs looked up by key) -> backward -> clip -> optimizer -> scheduler. See
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -30,7 +31,7 @@ from ..assets import default_cache_dir
 from ..fileio import atomic_write, json_bytes
 from ..models import head_settings, model_parts
 from ..refcache import RefLogProbCache, fingerprint, tokenizer_hash
-from . import batching
+from . import batching, distributed
 from .batching import (
     PADDED,
     attention_path,
@@ -242,6 +243,25 @@ def _load_model(name: str, dtype: torch.dtype, device: torch.device, what: str):
     return model.to(device)
 
 
+def _quiet_libraries() -> None:
+    """No progress bars or info logs from transformers / datasets in this process."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
 class _SignalStop:
     """SIGINT / SIGTERM set a flag the loop checks after each step (a second one raises
     KeyboardInterrupt at once)."""
@@ -293,7 +313,11 @@ class Trainer:
         self.model = model
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks)
-        self.device = _resolve_device(config.device)
+        self.dist, device = distributed.setup(config.strategy, config.device,
+                                              config.dist_timeout)
+        self.device = _resolve_device(device)
+        if not self.dist.is_main:  # one set of progress bars and library warnings per job
+            _quiet_libraries()
         self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         self.train_data: Optional[PreparedData] = None
@@ -313,7 +337,15 @@ class Trainer:
     def _stage(self, message: str) -> None:
         self._emit("on_stage", message)
 
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs, plots, checkpoints' shared files and the
+        final model (rank 0; the only process without torchrun)."""
+        return self.dist.is_main
+
     def _log(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -414,7 +446,8 @@ class Trainer:
             self._emit("on_ref_progress", p)
 
         cache = RefLogProbCache.ensure(ref, examples, path, fingerprint=fp,
-                                       batch_tokens=self._ref_batch_tokens(), progress=progress)
+                                       batch_tokens=self._ref_batch_tokens(), progress=progress,
+                                       rows_per_shard=cfg.ref_rows_per_shard)
         if ref is not self.model:
             del ref
             gc.collect()
@@ -491,7 +524,11 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.train()
         self._setup_compute()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.dist.strategy == "fsdp2" and cfg.lora_r is not None:
+            raise ValueError("TrainConfig.lora_r with strategy='fsdp2' is not supported; LoRA "
+                             "keeps the base weights frozen, so use strategy='ddp'")
+        self.engine, self._fwd = distributed.wrap(model, self.dist, self.device)
+        self.params = [p for p in self.engine.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameter")
         if cfg.optimizer == "adamw":
@@ -546,15 +583,38 @@ class Trainer:
         sel = table[np.asarray(idx)]
         return torch.from_numpy(np.concatenate([sel[:, 0], sel[:, 1]])).to(self.device)
 
-    def _run_micro(self, examples, table, idx: Sequence[int]):
+    def _run_micro(self, examples, table, idx: Sequence[int], module=None):
+        """(micro-batch, loss output) of pairs ``idx``; through ``module`` (the DDP / FSDP2
+        engine, or the plain :class:`PreferenceModule`) when given."""
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         mb = make_micro_batch([examples[i] for i in idx], self.attention, pad or 0,
                               masks=self._masks, share_prompt=self.share_prompt)
         mb = mb.to(self.device)
-        out = micro_batch_loss(self.parts, mb, self._ref(table, idx), self.head,
-                               self.config.loss_kwargs(), precision=self.config.precision,
-                               body=self.body)
+        ref = self._ref(table, idx)
+        cfg = self.config
+
+        def compute(lm):
+            # Under FSDP2 the parameters are swapped for gathered ones during the forward:
+            # read the head from the module now, not from the parts found at setup.
+            parts = self.parts if module is None or self.dist.strategy != "fsdp2" \
+                else model_parts(lm)
+            return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
+                                    precision=cfg.precision,
+                                    body=self.body if module is None
+                                    or self.dist.strategy != "fsdp2" else None)
+
+        out = compute(self.model) if module is None else module(compute)
         return mb, out
+
+    def _rank_micro_batches(self, examples, idx: Sequence[int]):
+        """This rank's micro-batches of the pairs ``idx`` (None = a zero-weight stand-in), the
+        same count on every rank (see :mod:`dpo_fast.train.distributed`)."""
+        world = self.dist.world_size
+        if world == 1:
+            return self._micro_batches(examples, idx)
+        share = distributed.deal_pairs(idx, lambda i: pair_tokens(examples[i]), world)
+        per_rank = [self._micro_batches(examples, s) if s else [] for s in share]
+        return distributed.equalize(per_rank)[self.dist.rank]
 
     def evaluate_against_cache(self, ref_cache_dir, ref_model: Optional[str] = None
                                ) -> Dict[str, Any]:
@@ -620,47 +680,74 @@ class Trainer:
         self.model.eval()
         ex = self.eval_data.examples
         order = np.argsort([pair_tokens(e) for e in ex], kind="stable")
-        sums = {k: 0.0 for k in STAT_KEYS}
-        for idx in self._micro_batches(ex, order.tolist()):
-            mb, out = self._run_micro(ex, self._ref_eval, idx)
-            for k, v in batch_stats(out, mb).items():
-                sums[k] += float(v)
+        sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        module = getattr(self, "_fwd", None) if self.dist.active else None
+        for idx in self._rank_micro_batches(ex, order.tolist()):
+            mb, out = self._run_micro(ex, self._ref_eval, idx if idx is not None
+                                      else [int(order[0])], module)
+            if idx is not None:
+                sums += _stat_vector(batch_stats(out, mb))
+        sums = self.dist.all_sum(sums)
         self.model.train(was_training)
-        return summarize(sums, "eval/")
+        return summarize(dict(zip(STAT_KEYS, sums.tolist())), "eval/")
 
-    def _train_step(self, idx: np.ndarray) -> Dict[str, Any]:
-        """One optimizer step over the pairs ``idx``: micro-batches, backward, clip, step."""
+    def _train_step(self, idx: np.ndarray, stop: bool = False) -> Dict[str, Any]:
+        """One optimizer step over the pairs ``idx`` (all ranks' pairs): micro-batches,
+        backward, gradient reduction, clip, step. ``stop``: this process got a stop signal;
+        the result's ``stop`` is True if any rank did (so all ranks stop at the same step)."""
         cfg = self.config
         ex = self.train_data.examples
         n_pairs = len(idx)
-        sums = {k: torch.zeros((), dtype=torch.float64) for k in STAT_KEYS}
-        for mb_idx in self._micro_batches(ex, idx.tolist()):
-            mb, out = self._run_micro(ex, self._ref_train, mb_idx)
-            # Normalized by the step's pair count: cutting a step into micro-batches differently
-            # (or accumulating) gives the same gradient.
-            (out.loss * (mb.num_pairs / n_pairs)).backward()
-            for k, v in batch_stats(out, mb).items():
-                sums[k] += v.cpu()
+        # DDP / FSDP2 average gradients over ranks; the loss is a mean over the step's pairs.
+        scale = float(self.dist.world_size) if self.dist.active else 1.0
+        sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
+        mbs = self._rank_micro_batches(ex, idx.tolist())
+        ddp = self.dist.strategy == "ddp"
+        for j, mb_idx in enumerate(mbs):
+            real = mb_idx is not None
+            sync = ddp and j < len(mbs) - 1
+            with self.engine.no_sync() if sync else contextlib.nullcontext():
+                mb, out = self._run_micro(ex, self._ref_train, mb_idx if real else [int(idx[0])],
+                                          self.engine)
+                # Normalized by the step's pair count: cutting a step into micro-batches
+                # differently (or accumulating, or over ranks) gives the same gradient.
+                w = mb.num_pairs / n_pairs * scale if real else 0.0
+                (out.loss * w).backward()
+            if real:
+                sums[:-1] += _stat_vector(batch_stats(out, mb))
+        sums[-1] = float(stop)
+        sums = self.dist.all_sum(sums)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
-        finite = bool(torch.isfinite(norm)) and math.isfinite(float(sums["loss"]))
+        stats = dict(zip(STAT_KEYS, sums[:-1].unbind()))
+        finite = bool(torch.isfinite(norm)) and math.isfinite(float(stats["loss"]))
         if finite:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"sums": sums, "grad_norm": float(norm), "learning_rate": lr, "finite": finite}
+        return {"sums": stats, "grad_norm": float(norm), "learning_rate": lr, "finite": finite,
+                "stop": bool(sums[-1] > 0)}
 
     # -- the run ----------------------------------------------------------------------
 
     def _trainer_state(self) -> Dict[str, Any]:
         return {**asdict(self.state), "config": self.config.to_dict(),
-                "attention": self.attention}
+                "attention": self.attention, "world_size": self.dist.world_size,
+                "strategy": self.dist.strategy}
+
+    def _ckpt_model(self) -> torch.nn.Module:
+        """What a checkpoint holds the parameters of: the FSDP2 root (sharded), else the
+        policy itself (the same names with or without DDP)."""
+        return self._fwd if self.dist.strategy == "fsdp2" else self.model
 
     def _save(self) -> Path:
-        d = save_checkpoint(self.output_dir, self.state.global_step, self.model, self.optimizer,
-                            self.scheduler, self._trainer_state(),
-                            keep=self.config.save_total_limit)
+        d = save_checkpoint(self.output_dir, self.state.global_step, self._ckpt_model(),
+                            self.optimizer, self.scheduler, self._trainer_state(),
+                            keep=self.config.save_total_limit,
+                            ctx=self.dist if self.dist.active else None)
         self._emit("on_save", self.state, d)
         return d
 
@@ -670,11 +757,17 @@ class Trainer:
         if r is None or r is False:
             return None
         d = find_resumable(self.output_dir) if r is True else Path(r)
+        if self.dist.active:  # every rank resumes from rank 0's choice
+            pick = self.dist.broadcast_int(-1 if d is None else _step_of(d))
+            d = None if pick < 0 else (d if d is not None and _step_of(d) == pick
+                                       else self.output_dir / f"checkpoint-{pick}")
         if d is None:
             self._stage(f"no checkpoint in {self.output_dir}: starting from step 0")
             return None
+        self._check_same_layout(d)
         try:
-            st = load_checkpoint(d, self.model, self.optimizer, self.scheduler)
+            st = load_checkpoint(d, self._ckpt_model(), self.optimizer, self.scheduler,
+                                 ctx=self.dist if self.dist.active else None)
         except CheckpointError:
             raise
         except Exception as e:
@@ -684,11 +777,25 @@ class Trainer:
         self._stage(f"resumed from {d} at step {self.state.global_step}")
         # Metrics after the checkpoint belong to the interrupted run and are replayed now.
         mf = self.output_dir / METRICS_FILE
-        if mf.is_file():
+        if mf.is_file() and self.is_main:
             kept = [ln for ln in mf.read_text(encoding="utf-8").splitlines()
                     if _record(ln).get("step", math.inf) <= self.state.global_step]
             atomic_write(mf, ("\n".join(kept) + "\n" if kept else "").encode())
         return d
+
+    def _check_same_layout(self, d: Path) -> None:
+        """A checkpoint resumes with the world size and strategy that wrote it."""
+        try:
+            st = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # verify_checkpoint reports it
+        world, strat = st.get("world_size", 1), st.get("strategy", "none")
+        if world != self.dist.world_size or (strat == "fsdp2") != (
+                self.dist.strategy == "fsdp2"):
+            raise CheckpointError(
+                f"{d} was written by {world} process(es) with strategy={strat!r}; this run has "
+                f"{self.dist.world_size} with strategy={self.dist.strategy!r}. Resume with "
+                f"torchrun --nproc_per_node={world} and strategy={strat!r}")
 
     def train(self) -> TrainResult:
         """Runs the whole pipeline and returns the :class:`TrainResult`."""
@@ -697,7 +804,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_output_dir()
+        if self.is_main:
+            self._check_output_dir()
+        self.dist.barrier()
         if cfg.sample_prompts and cfg.sample_scorer:
             from .sampling import get_scorer
 
@@ -706,9 +815,10 @@ class Trainer:
             self._check_model_path(cfg.model, "model")
         if cfg.ref_model is not None:
             self._check_model_path(cfg.ref_model, "ref_model")
-        atomic_write(self.output_dir / CONFIG_FILE,
-                     yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode("utf-8"))
-        self._add_reporters()
+        if self.is_main:
+            atomic_write(self.output_dir / CONFIG_FILE,
+                         yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode("utf-8"))
+            self._add_reporters()
         self.prepare_data()
         self.plan()
         self.prepare_model()
@@ -717,7 +827,7 @@ class Trainer:
         self.precompute_seconds = time.perf_counter() - t0
         self._setup_training()
         resumed = self._resume()
-        if resumed is None:
+        if resumed is None and self.is_main:
             (self.output_dir / METRICS_FILE).write_text("", encoding="utf-8")
         st = self.state
         eval_before: Dict[str, float] = {}
@@ -747,7 +857,8 @@ class Trainer:
                 steps = epoch_steps(self._lengths, cfg.batch_size, cfg.seed, st.epoch)
                 while st.step_in_epoch < len(steps) and st.global_step < st.max_steps:
                     t0 = time.perf_counter()
-                    res = self._train_step(steps[st.step_in_epoch])
+                    res = self._train_step(steps[st.step_in_epoch],
+                                           stop=stop.signum is not None)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     dt = time.perf_counter() - t0
@@ -788,7 +899,7 @@ class Trainer:
                                 "num_tokens": st.num_tokens,
                                 "train_tokens_per_second": window["tokens"] / window_time
                                 if window_time else 0.0,
-                                "peak_memory_mb": _peak_memory_mb(self.device),
+                                "peak_memory_mb": self._peak_mb(),
                                 "skipped_steps": st.skipped_steps,
                             }
                             self._log(last_logs)
@@ -804,17 +915,17 @@ class Trainer:
                         st.epoch += 1
                         st.step_in_epoch = 0
                     if (cfg.save_steps and st.global_step % cfg.save_steps == 0 and not done) \
-                            or stop.signum is not None:
+                            or res["stop"]:
                         last_ckpt = self._save()
-                    if stop.signum is not None:
+                    if res["stop"]:
                         interrupted = True
-                        self._stage(f"stopped by signal {stop.signum} at step "
+                        self._stage(f"stopped by signal {stop.signum or 'on another rank'} at step "
                                     f"{st.global_step}; checkpoint {last_ckpt}; resume with "
                                     "resume_from_checkpoint=True")
                         break
                 if interrupted:
                     break
-        peak = _peak_memory_mb(self.device)
+        peak = self._peak_mb()
         eval_after: Dict[str, float] = {}
         model_dir = None
         if not interrupted:
@@ -826,7 +937,8 @@ class Trainer:
                 self._emit("on_evaluate", st, eval_after)
             samples_after = self._samples("after")
             if cfg.save_final_model:
-                model_dir = str(self.save_model(self.output_dir))
+                model_dir = str(self.output_dir)
+                self.save_model(self.output_dir)
         else:
             samples_after = []
         samples, sb, sa = self._pair_samples(samples_before, samples_after)
@@ -844,9 +956,18 @@ class Trainer:
             checkpoint=None if last_ckpt is None else str(last_ckpt), samples=samples,
             sample_score_before=sb, sample_score_after=sa,
             precompute_seconds=self.precompute_seconds)
-        atomic_write(self.output_dir / SUMMARY_FILE, json_bytes(result.to_dict()))
+        if self.is_main:
+            atomic_write(self.output_dir / SUMMARY_FILE, json_bytes(result.to_dict()))
         self._emit("on_train_end", st, result)
+        self.dist.barrier()
         return result
+
+    def _peak_mb(self) -> float:
+        """Peak memory of the loop: this process's, or the largest over the ranks."""
+        peak = _peak_memory_mb(self.device)
+        if self.dist.active:
+            peak = float(self.dist.all_max(torch.tensor(peak, dtype=torch.float64)))
+        return peak
 
     @staticmethod
     def _check_model_path(name: str, what: str) -> None:
@@ -900,6 +1021,14 @@ class Trainer:
         cfg = self.config
         if not cfg.sample_prompts:
             return []
+        if self.dist.strategy == "fsdp2":
+            if self.is_main:
+                warnings.warn("sample_prompts is skipped under strategy='fsdp2' (generation "
+                              "would need every rank in lockstep); sample from the saved model "
+                              "with dpo-fast eval", UserWarning, stacklevel=2)
+            return []
+        if not self.is_main:  # rank 0 samples from its full copy (DDP); the others wait
+            return []
         from .sampling import sample_responses, unique_prompts
 
         src = self.eval_data if self.eval_data is not None else self.train_data
@@ -937,10 +1066,26 @@ class Trainer:
         import shutil
 
         out = Path(out)
+        state_dict = None
+        if self.dist.strategy == "fsdp2":  # every rank gathers; rank 0 writes one folder
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+                get_model_state_dict
+
+            full = get_model_state_dict(self._fwd, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+            state_dict = {k[len("lm."):] if k.startswith("lm.") else k: v
+                          for k, v in full.items()}
+            # the gathered copies of a tied weight are separate tensors: keep its first name
+            aliases = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - \
+                {n for n, _ in self.model.named_parameters()}
+            state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
+        if not self.is_main:
+            return out
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".final.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.model.save_pretrained(tmp, safe_serialization=True,
+                                   **({"state_dict": state_dict} if state_dict else {}))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
@@ -954,6 +1099,18 @@ class Trainer:
                 self.tokenizer.save_pretrained(out / "merged")
             self.model = merged
         return out
+
+
+def _step_of(d: Path) -> int:
+    try:
+        return int(Path(d).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{d}: not a checkpoint-<step> directory") from None
+
+
+def _stat_vector(stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`batch_stats` as a float64 vector in ``STAT_KEYS`` order (one all-reduce)."""
+    return torch.stack([stats[k].detach().double().cpu() for k in STAT_KEYS])
 
 
 def _record(line: str) -> Dict[str, Any]:

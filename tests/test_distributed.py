@@ -1,0 +1,318 @@
+"""Training on several processes (torchrun, gloo, CPU): DDP and FSDP2 against one process, the
+fused loss's gradients under each engine, the sharded reference precompute byte for byte, a
+killed job and a dead rank resumed.
+
+Truth is the one-process trainer (itself checked against float64 full-logits oracles in
+test_train.py) on the same config: 2 ranks x micro-batches of b pairs vs 1 process x 2b.
+Every process runs one thread (torchrun's default), so the one-process runs do too.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tiny import tiny_model, tiny_tokenizer, word_rows  # noqa: E402
+
+from dpo_fast.train import TrainConfig, Trainer  # noqa: E402
+from dpo_fast.train.checkpoint import CheckpointError  # noqa: E402
+from dpo_fast.train.distributed import deal_pairs, equalize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    e = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **extra)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + str(ROOT / "tests") + os.pathsep + \
+        e.get("PYTHONPATH", "")
+    return e
+
+
+def _torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={n}", *args]
+
+
+def _run(cmd, timeout=300, **env):
+    p = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def metrics(d):
+    return [json.loads(ln) for ln in (Path(d) / "metrics.jsonl").read_text().splitlines()
+            if ln.strip()]
+
+
+def losses(d):
+    return [(m["step"], m["loss"]) for m in metrics(d) if "loss" in m]
+
+
+def eval_losses(d):
+    return [(m["step"], m["eval/loss"]) for m in metrics(d) if "eval/loss" in m]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    for name, tied in (("untied", False), ("tied", True)):
+        m = tiny_model(seed=7, tie_word_embeddings=tied)
+        m.save_pretrained(base / name)
+        tiny_tokenizer().save_pretrained(base / name)
+    for name, n, seed in (("train", 48, 1), ("eval", 10, 2)):
+        (base / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in word_rows(n, seed=seed)))
+    return base
+
+
+def _config(setup, model="untied", **kw):
+    cfg = dict(model=str(setup / model), train_data=str(setup / "train.jsonl"),
+               eval_data=str(setup / "eval.jsonl"), data_cache_dir="", batch_size=4,
+               micro_batch_size=2, max_steps=10, learning_rate=1e-3, logging_steps=1,
+               save_steps=2, save_total_limit=10, max_length=64, ref_rows_per_shard=8,
+               overwrite_output_dir=True)
+    cfg.update(kw)
+    return cfg
+
+
+_RUNS = {}
+
+
+def run_cli(setup, name, nproc, entry_point=False, **kw):
+    """`dpo-fast train` on ``nproc`` processes (torchrun) or one (plain), once per name."""
+    if name not in _RUNS:
+        out = setup / name
+        cfg = _config(setup, output_dir=str(out), **kw)
+        y = setup / f"{name}.yaml"
+        y.write_text(json.dumps(cfg))  # JSON is YAML
+        args = ["train", "--config", str(y), "--quiet"]
+        if entry_point:  # the console script, as torchrun runs it: --no-python dpo-fast
+            exe = shutil.which("dpo-fast")
+            if exe is None and os.environ.get("CI") != "true":
+                pytest.skip("the dpo-fast entry point is not installed")
+            assert exe is not None, "dpo-fast is not on PATH (pip install -e .)"
+            _run(_torchrun(nproc, "--no-python", exe, *args))
+        else:
+            args = ["-m", "dpo_fast", *args]
+            _run(_torchrun(nproc, *args) if nproc else [sys.executable, *args])
+        _RUNS[name] = out
+    return _RUNS[name]
+
+
+def _model_params(d):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    return {n: p.detach() for n, p in m.named_parameters()}
+
+
+def _same_run(one, many, tol=1e-5):
+    a, b = losses(one), losses(many)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))  # rank 0 logs, once
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) <= tol
+    ea, eb = eval_losses(one), eval_losses(many)
+    assert [s for s, _ in ea] == [s for s, _ in eb] == [0, 10]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(ea, eb)) <= tol
+    assert a[0][1] == pytest.approx(np.log(2), abs=1e-6)  # step 1: policy == reference
+    assert a[-1][1] != a[0][1]  # it trained
+    pa, pb = _model_params(one), _model_params(many)  # the final model: one folder
+    assert sorted(pa) == sorted(pb)
+    from safetensors import safe_open
+
+    with safe_open(str(one / "model.safetensors"), "pt") as fa, \
+            safe_open(str(many / "model.safetensors"), "pt") as fb:
+        assert sorted(fa.keys()) == sorted(fb.keys())  # tied weights saved once
+    # Adam divides by sqrt(v): a gradient element near 0 moves by up to lr whatever its last
+    # bits, so weights are held to lr / 10 (a wrong reduction moves them by ~lr x steps = 1e-2)
+    assert max(float((pa[n] - pb[n]).abs().max()) for n in pa) <= 1e-4
+    ra, rb = (json.loads((d / "summary.json").read_text()) for d in (one, many))
+    assert ra["train_metrics"]["num_tokens"] == rb["train_metrics"]["num_tokens"]  # summed
+
+
+def test_ddp_two_ranks_equal_one_process_and_precompute_bytes(setup):
+    one = run_cli(setup, "one", 0, micro_batch_size=4)
+    ddp = run_cli(setup, "ddp", 2)  # strategy auto = ddp
+    _same_run(one, ddp)
+    assert json.loads((ddp / "checkpoint-10" / "trainer_state.json").read_text())[
+        "strategy"] == "ddp"
+    # the reference precompute was dealt to both ranks and merged into the same bytes
+    files = sorted(p.name for p in (one / "ref_cache").iterdir() if p.name != ".lock")
+    assert files == sorted(p.name for p in (ddp / "ref_cache").iterdir() if p.name != ".lock")
+    shards = [f for f in files if f.startswith("shard-")]
+    assert len(shards) >= 4 and "manifest.json" in files
+    for f in files:
+        assert (one / "ref_cache" / f).read_bytes() == (ddp / "ref_cache" / f).read_bytes(), f
+    from dpo_fast import RefLogProbCache
+
+    c = RefLogProbCache.open(ddp / "ref_cache")
+    vals = c.lookup(c.keys()).numpy()
+    assert vals.size == 2 * (10 * 4 + 10)  # the pairs 10 steps of 4 visit + the eval pairs
+    assert np.all(np.isfinite(vals)) and np.all(vals < -1.0)  # real sums of log-probs, not 0
+
+
+@pytest.mark.parametrize("model", ["untied", "tied"])
+def test_fsdp2_two_ranks_equal_one_process(setup, model):
+    one = run_cli(setup, f"one-{model}", 0, model=model, micro_batch_size=4)
+    fs = run_cli(setup, f"fsdp2-{model}", 2, model=model, strategy="fsdp2",
+                 entry_point=model == "tied")
+    _same_run(one, fs)
+    ck = fs / "checkpoint-10"
+    assert sorted(p.name for p in (ck / "sharded").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors",
+        "shard-00002-model-00001-of-00001.safetensors"]
+    assert not (ck / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("model", ["untied", "tied"])
+def test_fused_loss_and_grads_under_the_engine(setup, strategy, model):
+    """Each rank takes 2 of 4 pairs; the engine's reduced head / embedding / layer gradients
+    equal one process's on all 4 (FSDP2: the head gathered for the fused op, its gradient
+    reduce-scattered into the shards; tied: one parameter for both)."""
+    p = _run(_torchrun(2, str(WORKER), "grads",
+                       json.dumps({"strategy": strategy, "model": str(setup / model)})))
+    r = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert r["names"] and r["world"] == 2 and r["tied"] == (model == "tied")
+    assert r["loss"] == pytest.approx(r["loss_alone"], abs=1e-6)
+    assert "lm_head.weight" in r["diffs"] or model == "tied"
+    for n, d in r["diffs"].items():
+        assert d <= 1e-5 * max(r["scale"][n], 1e-3), (n, d, r["scale"][n])
+
+
+def _spawn_job(cmd, **env):
+    return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill_tree(pid):
+    """SIGKILL ``pid`` and all its descendants at once (torchrun starts its workers in their own
+    process groups, so killing its group alone would leave them running)."""
+    children = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = st.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(f[1]), []).append(int(st.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def _wait_line(proc, line, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = proc.stdout.readline()
+        if not got and proc.poll() is not None:
+            raise AssertionError(f"job ended before {line!r}: {proc.stderr.read()[-3000:]}")
+        if got.strip() == line:
+            return
+    raise AssertionError(f"timed out waiting for {line!r}")
+
+
+def _worker_cmd(setup, out, **kw):
+    return _torchrun(2, str(WORKER), json.dumps(_config(setup, output_dir=str(out), **kw)))
+
+
+def test_kill_9_of_the_whole_job_then_resume_fsdp2(setup):
+    want = run_cli(setup, "fsdp2-untied", 2, model="untied", strategy="fsdp2")
+    out = setup / "killed"
+    job = _spawn_job(_worker_cmd(setup, out, strategy="fsdp2"), HOLD_AT="5")
+    _wait_line(job, "STEP 5")
+    assert len(_kill_tree(job.pid)) >= 3  # torchrun and both ranks at once
+    job.wait(30)
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-6").exists()
+    _run(_worker_cmd(setup, out, strategy="fsdp2", resume_from_checkpoint=True,
+                     overwrite_output_dir=False))
+    assert losses(out) == losses(want)  # exact
+    assert eval_losses(out) == eval_losses(want)
+
+
+def test_a_dead_rank_ends_the_job_then_resume_ddp(setup):
+    want = run_cli(setup, "ddp", 2)
+    out = setup / "dead-rank"
+    t0 = time.time()
+    job = _spawn_job(_worker_cmd(setup, out, dist_timeout=60.0), DIE_AT="5")
+    try:
+        rc = job.wait(150)  # no hang: the survivor's collective fails, torchrun stops the job
+    finally:
+        if job.poll() is None:
+            _kill_tree(job.pid)
+    assert rc != 0 and time.time() - t0 < 150
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-6").exists()
+    _run(_worker_cmd(setup, out, resume_from_checkpoint=True, overwrite_output_dir=False))
+    assert losses(out) == losses(want)
+    assert eval_losses(out) == eval_losses(want)
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_then_resume(setup):
+    want = run_cli(setup, "ddp", 2)
+    out = setup / "sigterm"
+    job = _spawn_job(_worker_cmd(setup, out, save_steps=None), SLOW="0.5")
+    _wait_line(job, "STEP 3")
+    job.send_signal(signal.SIGTERM)  # to torchrun, which passes it to both ranks
+    stdout, err = job.communicate(timeout=120)
+    summary = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert summary["interrupted"] is True, err[-3000:]
+    step = summary["global_step"]
+    assert [d.name for d in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert len(list((out / f"checkpoint-{step}").glob("rng*.safetensors"))) == 2
+    _run(_worker_cmd(setup, out, save_steps=None, resume_from_checkpoint=True,
+                     overwrite_output_dir=False))
+    assert losses(out) == losses(want)
+
+
+def test_resume_needs_the_same_world_size_and_strategy(setup):
+    fs = run_cli(setup, "fsdp2-untied", 2, model="untied", strategy="fsdp2")
+    cfg = TrainConfig(**_config(setup, output_dir=str(fs), resume_from_checkpoint=True,
+                                overwrite_output_dir=False))
+    with pytest.raises(CheckpointError, match=r"2 process\(es\) with strategy='fsdp2'.*"
+                                              r"nproc_per_node=2"):
+        Trainer(cfg).train()
+
+
+def test_strategy_without_torchrun_is_an_error(setup):
+    with pytest.raises(ValueError, match="strategy='fsdp2' needs several processes"):
+        Trainer(TrainConfig(**_config(setup, output_dir=str(setup / "x"), strategy="fsdp2")))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pairs_are_dealt_once_with_balanced_tokens_and_equal_micro_batch_counts(seed):
+    g = np.random.default_rng(seed)
+    sizes = g.integers(10, 300, size=int(g.integers(1, 40)))
+    idx = list(g.permutation(len(sizes)))
+    for world in (1, 2, 3, 8):
+        share = deal_pairs(idx, lambda i: int(sizes[i]), world)
+        assert sorted(i for s in share for i in s) == sorted(idx)  # each pair exactly once
+        for s in share:  # each rank keeps the step's order
+            assert s == [i for i in idx if i in set(s)]
+        tok = [sum(int(sizes[i]) for i in s) for s in share]
+        if len(idx) >= world:  # greedy longest-first: within one pair of perfect balance
+            assert max(tok) - min(tok) <= int(sizes.max())
+            assert all(share)
+        mbs = [[s[k:k + 3] for k in range(0, len(s), 3)] for s in share]
+        eq = equalize(mbs)
+        assert len({len(m) for m in eq}) == 1
+        for s, m in zip(share, eq):
+            assert [i for mb in m if mb is not None for i in mb] == s  # order kept, none lost
+            assert all(mb is None or mb for mb in m)
