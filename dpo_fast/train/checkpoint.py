@@ -155,11 +155,16 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
         tmp.mkdir(parents=True)
     if multi:
         ctx.barrier()
+    written: Dict[str, Dict[str, Any]] = {}  # this rank's files, hashed from the bytes written
+
+    def put(name: str, data: bytes) -> None:
+        atomic_write(tmp / name, data)
+        written[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     try:
         rng = rng_state()
         rng_name = "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
-        atomic_write(tmp / rng_name, st_save({k: v.contiguous()
-                                              for k, v in rng["tensors"].items()}))
+        put(rng_name, st_save({k: v.contiguous() for k, v in rng["tensors"].items()}))
         extra: Dict[str, Any] = {}
         if fsdp:
             import torch.distributed.checkpoint as dcp
@@ -172,18 +177,19 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
         elif rank == 0:
             buf = io.BytesIO()
             torch.save(optimizer.state_dict(), buf)
-            atomic_write(tmp / "model.safetensors", st_save(trainable_state(model)))
-            atomic_write(tmp / "optimizer.pt", buf.getvalue())
+            put("model.safetensors", st_save(trainable_state(model)))
+            put("optimizer.pt", buf.getvalue())
         if multi:
             ctx.barrier()
         if rank == 0:
-            atomic_write(tmp / "trainer_state.json",
-                         json_bytes({**state, **extra, "scheduler": scheduler.state_dict(),
-                                     "rng": rng["json"]}))
-            files = {}
+            put("trainer_state.json", json_bytes({**state, **extra,
+                                                  "scheduler": scheduler.state_dict(),
+                                                  "rng": rng["json"]}))
+            files = {}  # other ranks' files (and DCP's) are read back to hash them
             for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size,
-                                                        "sha256": sha256_file(f)}
+                name = f.relative_to(tmp).as_posix()
+                files[name] = written.get(name) or {"bytes": f.stat().st_size,
+                                                    "sha256": sha256_file(f)}
             atomic_write(tmp / MANIFEST, json_bytes({"format": FORMAT, "version": VERSION,
                                                      "step": step, "files": files}))
             for sub in {p.parent for p in tmp.rglob("*") if p.is_file()} - {tmp}:

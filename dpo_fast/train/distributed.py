@@ -68,19 +68,17 @@ class DistContext:
             dist.barrier()
 
     def all_sum(self, t: Tensor) -> Tensor:
-        """Sum over ranks (a copy; ``t`` itself unchanged). Float64 stays float64 (gloo) or
-        travels as float64 on the process group's device (nccl)."""
-        if not self.active:
-            return t
-        x = t.detach().to(self.comm_device).clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x.to(t.device)
+        """Sum over ranks (a copy; ``t`` itself unchanged; float64 stays float64, carried on
+        the process group's device)."""
+        return self._all_reduce(t, dist.ReduceOp.SUM) if self.active else t
 
     def all_max(self, t: Tensor) -> Tensor:
-        if not self.active:
-            return t
+        """Largest value over ranks (a copy)."""
+        return self._all_reduce(t, dist.ReduceOp.MAX) if self.active else t
+
+    def _all_reduce(self, t: Tensor, op) -> Tensor:
         x = t.detach().to(self.comm_device).clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        dist.all_reduce(x, op=op)
         return x.to(t.device)
 
     def broadcast_int(self, value: int) -> int:
@@ -178,7 +176,7 @@ def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        engine = DDP(mod, device_ids=ids)
+        engine = DDP(mod, device_ids=ids, gradient_as_bucket_view=True)  # no 2nd grad copy
         return engine, mod
     if ctx.strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard

@@ -527,6 +527,9 @@ class Trainer:
         if self.dist.strategy == "fsdp2" and cfg.lora_r is not None:
             raise ValueError("TrainConfig.lora_r with strategy='fsdp2' is not supported; LoRA "
                              "keeps the base weights frozen, so use strategy='ddp'")
+        if self.dist.strategy == "fsdp2" and cfg.torch_compile and self.is_main:
+            warnings.warn("torch_compile is not applied under strategy='fsdp2' (the body runs "
+                          "eagerly)", UserWarning, stacklevel=2)
         self.engine, self._fwd = distributed.wrap(model, self.dist, self.device)
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
         if not self.params:
