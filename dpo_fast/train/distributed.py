@@ -36,9 +36,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-STRATEGIES = ("none", "ddp", "fsdp2")
-
-
 def launched() -> bool:
     """True when this process was started by torchrun (or another launcher setting the
     torch.distributed environment)."""

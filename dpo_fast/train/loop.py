@@ -596,15 +596,15 @@ class Trainer:
         ref = self._ref(table, idx)
         cfg = self.config
 
+        # Under FSDP2 the parameters are swapped for gathered ones during the forward: read
+        # the head from the module then, not from the parts found at setup.
+        gathered = module is not None and self.dist.strategy == "fsdp2"
+
         def compute(lm):
-            # Under FSDP2 the parameters are swapped for gathered ones during the forward:
-            # read the head from the module now, not from the parts found at setup.
-            parts = self.parts if module is None or self.dist.strategy != "fsdp2" \
-                else model_parts(lm)
+            parts = model_parts(lm) if gathered else self.parts
             return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
                                     precision=cfg.precision,
-                                    body=self.body if module is None
-                                    or self.dist.strategy != "fsdp2" else None)
+                                    body=None if gathered else self.body)
 
         out = compute(self.model) if module is None else module(compute)
         return mb, out
