@@ -271,7 +271,8 @@ def eval_command(args, err: TextIO) -> int:
         run = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     keep = ("max_length", "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha",
             "prompt_column", "chosen_column", "rejected_column", "truncation_mode",
-            "simpo_gamma", "cpo_alpha", "orpo_lambda", "discopop_tau", "seed",
+            "simpo_gamma", "cpo_alpha", "orpo_lambda", "discopop_tau", "unlikelihood_alpha",
+            "seed",
             "sample_max_new_tokens", "sample_temperature")
     cfg = TrainConfig(**{k: run[k] for k in keep if k in run})
     cfg.model, cfg.train_data, cfg.eval_data = str(model_dir), args.data, args.data

@@ -24,7 +24,8 @@ apo_zero        (1 - sig(beta s_w)) + sig(beta s_l)
 apo_down        sig(beta s_w) + (1 - sig(beta h))
 discopop        z = beta h, m = sig(z/tau): (1-m)(-log sig(z)) + m exp(-z)
 sigmoid_norm    -log sig(beta h_avg)
-sft             chosen_nll
+sft             chosen_nll                                          (also Preferred-FT)
+unlikelihood    chosen_nll - alpha log(1 - exp(a_l))                (the DPO paper's baseline)
 simpo           -(1-eps) log sig(x) - eps log sig(-x), x = beta (a_w - a_l) - gamma
 orpo            chosen_nll - lambda log sig(log_odds),
                 log_odds = (a_w - a_l) - [log(1 - exp(a_w)) - log(1 - exp(a_l))]
@@ -52,6 +53,13 @@ Where this differs from TRL 1.16 (``trl/trainer/dpo_trainer.py``, ``trl/experime
 - ``orpo``: lambda defaults to ``beta`` because TRL's ORPOTrainer uses ``beta`` as the paper's
   lambda; ``log(1 - exp(a))`` is the stable log1mexp, with a nan-free gradient as a -> 0-.
 - ``discopop``: ``m * exp(-z)`` is formed as ``exp(log m - z)``, finite for very negative z.
+
+``unlikelihood`` (not in TRL) is the DPO paper's Unlikelihood baseline: raise the likelihood of
+y_w, lower that of y_l (Welleck et al. 2019's ``-log(1 - p)`` term), with weight
+``unlikelihood_alpha``. The fused op reduces per-token log-probs to per-sequence sums, so the
+unlikelihood term is applied to the geometric-mean token probability ``exp(a_l)`` of y_l
+rather than to each token: bounded below by 0 like the per-token form, and its gradient pushes
+every token of y_l down, with weight ``alpha exp(a_l) / (|y_l| (1 - exp(a_l)))``.
 """
 
 from __future__ import annotations
@@ -67,12 +75,14 @@ from torch import Tensor
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
-    "simpo", "orpo", "cpo",
+    "simpo", "orpo", "cpo", "unlikelihood",
 )
 #: Types that need no reference log-probs (``sft`` needs none either but is not a preference loss).
 REFERENCE_FREE_TYPES = ("simpo", "orpo", "cpo")
-_NO_REF = frozenset(REFERENCE_FREE_TYPES + ("sft",))
-_NEEDS_LENGTHS = frozenset(("ipo", "sigmoid_norm", "simpo", "orpo"))
+#: Every type that works without reference log-probs.
+NO_REFERENCE_TYPES = frozenset(REFERENCE_FREE_TYPES + ("sft", "unlikelihood"))
+_NO_REF = NO_REFERENCE_TYPES
+_NEEDS_LENGTHS = frozenset(("ipo", "sigmoid_norm", "simpo", "orpo", "unlikelihood"))
 _LN2 = math.log(2.0)
 
 
@@ -259,6 +269,8 @@ def _term(kind: str, v: dict, beta: float, eps: float, p: dict) -> Tensor:
         return v["nll"] - p["orpo_lambda"] * F.logsigmoid(log_odds)
     if kind == "sft":
         return v["nll"]
+    if kind == "unlikelihood":
+        return v["nll"] - p["unlikelihood_alpha"] * _log1mexp(pr / v["lr"])
 
     s_w, s_l = pc - v["rc"], pr - v["rr"]
     h = s_w - s_l
@@ -321,6 +333,7 @@ def preference_loss(
     discopop_tau: float = 0.05,
     orpo_lambda: Optional[float] = None,
     cpo_alpha: float = 1.0,
+    unlikelihood_alpha: float = 1.0,
 ) -> PreferenceLossOutput:
     """Preference loss on per-pair sequence log-probs (formulas in the module docstring).
 
@@ -329,17 +342,18 @@ def preference_loss(
             response tokens). Must be < 0 for ``orpo``.
         policy_rejected_logps: [B] float, same for the rejected responses.
         ref_chosen_logps, ref_rejected_logps: [B] float reference log-probs; required (both)
-            by every type except ``simpo``, ``orpo``, ``cpo`` and ``sft``.
+            by every type except ``simpo``, ``orpo``, ``cpo``, ``sft`` and ``unlikelihood``.
         loss_type: a name from :data:`LOSS_TYPES`, or a list of them (combined per pair).
         loss_weights: one weight per entry of ``loss_type`` (default all 1.0).
         beta: finite > 0; DPO's KL strength (IPO's tau, SimPO/CPO's temperature).
         label_smoothing: eps in [0, 0.5); used by sigmoid (cDPO), robust, exo_pair, aot,
             aot_unpaired, simpo and cpo, ignored by the others (as in TRL).
         chosen_lengths, rejected_lengths: [B] response token counts (int or float, > 0);
-            required by ipo, sigmoid_norm, simpo and orpo (length-averaged log-probs).
+            required by ipo, sigmoid_norm, simpo, orpo and unlikelihood (length-averaged
+            log-probs).
         chosen_nll: [B] mean negative log-likelihood per response token of each chosen response,
-            i.e. ``-(sum of chosen response token log-probs) / |y_w|``; used by sft, orpo and cpo
-            (when ``cpo_alpha != 0``). If None it is derived as
+            i.e. ``-(sum of chosen response token log-probs) / |y_w|``; used by sft, orpo,
+            unlikelihood and cpo (when ``cpo_alpha != 0``). If None it is derived as
             ``-policy_chosen_logps / chosen_lengths`` (the same quantity), which needs
             ``chosen_lengths``.
         simpo_gamma: SimPO's target margin gamma (TRL ``CPOConfig.simpo_gamma``, default 0.5).
@@ -347,6 +361,7 @@ def preference_loss(
         orpo_lambda: weight of ORPO's odds-ratio term; None means ``beta``, as TRL's ORPOTrainer,
             where ``beta`` is the paper's lambda.
         cpo_alpha: weight of CPO's NLL term (>= 0; TRL ``CPOConfig.cpo_alpha``, default 1.0).
+        unlikelihood_alpha: weight (>= 0) of the unlikelihood term on y_l (default 1.0).
 
     Returns:
         :class:`PreferenceLossOutput`; tensors are float32 (float64 if any input is float64).
@@ -364,6 +379,8 @@ def preference_loss(
         "orpo_lambda": beta if orpo_lambda is None
         else _check_number("orpo_lambda", orpo_lambda, nonneg=True),
         "cpo_alpha": _check_number("cpo_alpha", cpo_alpha, nonneg=True),
+        "unlikelihood_alpha": _check_number("unlikelihood_alpha", unlikelihood_alpha,
+                                            nonneg=True),
     }
 
     pc = _check_vector("policy_chosen_logps", policy_chosen_logps, None, None)
@@ -379,13 +396,13 @@ def preference_loss(
     if ref_types and not has_ref:
         raise ValueError(
             f"loss_type {ref_types[0]!r} needs ref_chosen_logps and ref_rejected_logps; only "
-            f"{REFERENCE_FREE_TYPES} and 'sft' are reference-free"
+            f"{REFERENCE_FREE_TYPES}, 'sft' and 'unlikelihood' are reference-free"
         )
     if has_ref:
         rc = _check_vector("ref_chosen_logps", ref_chosen_logps, batch, device)
         rr = _check_vector("ref_rejected_logps", ref_rejected_logps, batch, device)
 
-    nll_types = [t for t in types if t in ("sft", "orpo") or (t == "cpo" and params["cpo_alpha"])]
+    nll_types = [t for t in types if t in ("sft", "orpo", "unlikelihood") or (t == "cpo" and params["cpo_alpha"])]
     len_types = [t for t in types if t in _NEEDS_LENGTHS]
     if nll_types and chosen_nll is None and chosen_lengths is None:
         raise ValueError(
@@ -413,10 +430,15 @@ def preference_loss(
         v["lr"] = rejected_lengths.to(dtype)
     if nll_types:
         v["nll"] = chosen_nll.to(dtype) if chosen_nll is not None else -v["pc"] / v["lc"]
-    if "orpo" in types and not torch.compiler.is_compiling():
-        for name, t in (("policy_chosen_logps", pc), ("policy_rejected_logps", pr)):
-            if not bool((t < 0).all()):
-                raise ValueError(f"{name} must be < 0 for orpo (log of a probability < 1)")
+    if not torch.compiler.is_compiling():
+        for kind in ("orpo", "unlikelihood"):
+            if kind not in types:
+                continue
+            checks = (("policy_chosen_logps", pc), ("policy_rejected_logps", pr)) \
+                if kind == "orpo" else (("policy_rejected_logps", pr),)
+            for name, t in checks:
+                if not bool((t < 0).all()):
+                    raise ValueError(f"{name} must be < 0 for {kind} (log of a probability < 1)")
 
     terms = tuple(_term(t, v, beta, eps, params) for t in types)
     losses = terms[0] * weights[0] if weights[0] != 1.0 else terms[0]

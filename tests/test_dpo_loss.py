@@ -141,7 +141,8 @@ def test_fused_matches_unfused_packed(impl, case):
     dict(softcap=30.0), dict(temperature=0.7), dict(loss_type="ipo"),
     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     dict(loss_type="sigmoid", label_smoothing=0.1), dict(loss_type="apo_zero", beta=0.5),
-], ids=["softcap", "temp", "ipo", "sigmoid+sft", "cdpo", "apo_zero"])
+    dict(loss_type="unlikelihood", unlikelihood_alpha=0.5),
+], ids=["softcap", "temp", "ipo", "sigmoid+sft", "cdpo", "apo_zero", "unlikelihood"])
 def test_fused_options(impl, opts):
     batch = _packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
                           bias=True, scale=2.0)
@@ -260,7 +261,8 @@ def test_torch_compile_matches_eager(impl):
 @pytest.mark.parametrize("opts", [
     dict(), dict(softcap=30.0, temperature=0.7), dict(loss_type="ipo"),
     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), dict(label_smoothing=0.1),
-], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo"])
+    dict(loss_type="unlikelihood", unlikelihood_alpha=0.5), dict(loss_type="sft"),
+], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo", "unlikelihood", "sft"])
 def test_scratch_mode_matches_unfused(budget_pairs, opts):
     resp = [9, 13, 5, 20, 7, 3, 11, 6]
     batch = _packed_batch(4, 64, 777, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
@@ -302,7 +304,8 @@ def _cpu_budget(keep, rows, v):
 @pytest.mark.parametrize("opts", [
     dict(), dict(softcap=30.0, temperature=0.7), dict(loss_type="ipo"),
     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), dict(label_smoothing=0.1),
-], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo"])
+    dict(loss_type="unlikelihood", unlikelihood_alpha=0.5), dict(loss_type="sft"),
+], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo", "unlikelihood", "sft"])
 def test_cpu_chunk_engine_matches_unfused(keep, opts, monkeypatch):
     # One pair per chunk unless several fit (the 512-token floor would make one chunk here).
     monkeypatch.setattr(dpo_scratch, "MIN_CHUNK_ROWS", 1)

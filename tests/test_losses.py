@@ -25,7 +25,7 @@ def _logsig(x):
 
 
 def oracle_terms(kind, pc, pr, rc, rr, lc, lr, nll, *, beta, eps,
-                 gamma=0.5, tau=0.05, lam=None, alpha=1.0):
+                 gamma=0.5, tau=0.05, lam=None, alpha=1.0, ul_alpha=1.0):
     """Per-pair loss [B] straight from the docs/losses.md table, in whatever dtype it is given."""
     lam = beta if lam is None else lam
     s_w, s_l = pc - rc, pr - rr
@@ -79,6 +79,8 @@ def oracle_terms(kind, pc, pr, rc, rr, lc, lr, nll, *, beta, eps,
         return nll - lam * _logsig(log_odds)
     if kind == "cpo":
         return cdpo(beta * (pc - pr)) + alpha * nll
+    if kind == "unlikelihood":  # -log p(y_w)/|y_w| - alpha log(1 - p_bar(y_l)), naive form
+        return nll - ul_alpha * torch.log(1 - torch.exp(a_l))
     raise KeyError(kind)
 
 
@@ -157,11 +159,13 @@ def test_every_type_matches_float64_oracle(kind, eps):
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.5, 2.0])
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "discopop", "simpo", "orpo", "sppo_hard"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "discopop", "simpo", "orpo", "sppo_hard",
+                                  "unlikelihood"])
 def test_other_betas_and_type_params(kind, beta):
     inputs = make_inputs(seed=11)
-    kw = dict(simpo_gamma=1.3, discopop_tau=0.2, orpo_lambda=0.7, cpo_alpha=0.3)
-    okw = dict(gamma=1.3, tau=0.2, lam=0.7, alpha=0.3)
+    kw = dict(simpo_gamma=1.3, discopop_tau=0.2, orpo_lambda=0.7, cpo_alpha=0.3,
+              unlikelihood_alpha=0.35)
+    okw = dict(gamma=1.3, tau=0.2, lam=0.7, alpha=0.3, ul_alpha=0.35)
     truth = oracle(kind, inputs, beta=beta, eps=0.0, **okw)
     same = oracle(kind, inputs, beta=beta, eps=0.0, dtype=torch.float32, **okw)
     out, grads = run_impl(kind, inputs, beta=beta, eps=0.0, **kw)
@@ -371,7 +375,7 @@ def test_large_margins_stay_finite():
     pr = torch.tensor([-1.0e4, -1.0], requires_grad=True)
     z = torch.tensor([-50.0, -50.0])
     for kind in LOSS_TYPES:
-        if kind in ("sft", "simpo", "orpo", "cpo", "ipo", "sigmoid_norm"):
+        if kind in ("sft", "simpo", "orpo", "cpo", "ipo", "sigmoid_norm", "unlikelihood"):
             continue
         out = preference_loss(pc, pr, z, z, loss_type=kind, label_smoothing=0.1)
         g = torch.autograd.grad(out.loss, (pc, pr))
@@ -414,6 +418,7 @@ BAD_KW = [
     (dict(loss_type="simpo", simpo_gamma=float("inf")), "simpo_gamma"),
     (dict(loss_type="orpo", orpo_lambda=-1.0), "orpo_lambda"),
     (dict(loss_type="cpo", cpo_alpha=-1.0), "cpo_alpha"),
+    (dict(loss_type="unlikelihood", unlikelihood_alpha=-0.5), "unlikelihood_alpha"),
 ]
 
 
@@ -424,7 +429,7 @@ def test_bad_options_raise(kw, name):
 
 
 @pytest.mark.parametrize("kind", [k for k in LOSS_TYPES if k not in ("simpo", "orpo", "cpo",
-                                                                       "sft")])
+                                                                       "sft", "unlikelihood")])
 def test_reference_types_need_reference(kind):
     v = _ok()
     with pytest.raises(ValueError, match="ref_chosen_logps"):
@@ -436,7 +441,7 @@ def test_reference_types_need_reference(kind):
         preference_loss(v["pc"], v["pr"], None, v["rr"], loss_type=kind)
 
 
-@pytest.mark.parametrize("kind", ["simpo", "orpo", "cpo", "sft"])
+@pytest.mark.parametrize("kind", ["simpo", "orpo", "cpo", "sft", "unlikelihood"])
 def test_reference_free_types_run_without_reference(kind):
     v = _ok()
     out = preference_loss(v["pc"], v["pr"], loss_type=kind, chosen_lengths=v["lc"],
@@ -444,7 +449,7 @@ def test_reference_free_types_run_without_reference(kind):
     assert torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("kind", ["ipo", "sigmoid_norm", "simpo", "orpo"])
+@pytest.mark.parametrize("kind", ["ipo", "sigmoid_norm", "simpo", "orpo", "unlikelihood"])
 def test_averaging_types_need_lengths(kind):
     v = _ok()
     with pytest.raises(ValueError, match="chosen_lengths"):
@@ -474,6 +479,34 @@ def test_nll_types_need_chosen_nll(kind):
         _call(v, loss_type=kind, chosen_nll=v["nll"][:3])
     with pytest.raises(ValueError, match="chosen_nll"):
         _call(v, loss_type=kind, chosen_nll=torch.ones(B, dtype=torch.long))
+
+
+def test_unlikelihood_known_answer_and_gradient():
+    # pr = -2 over 4 tokens: a_l = -0.5, p_bar = e^-0.5; nll = 1.25, alpha = 0.5.
+    pc = torch.tensor([-5.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([4.0], dtype=torch.float64)
+    out = preference_loss(pc, pr, loss_type="unlikelihood", unlikelihood_alpha=0.5,
+                          chosen_lengths=n, rejected_lengths=n)
+    p = math.exp(-0.5)
+    assert out.loss.item() == pytest.approx(1.25 - 0.5 * math.log(1 - p), rel=1e-12)
+    gc, gr = torch.autograd.grad(out.loss, (pc, pr))
+    assert gc.item() == pytest.approx(-0.25, rel=1e-12)  # d(-pc/4)/dpc
+    assert gr.item() == pytest.approx(0.5 * p / (1 - p) / 4, rel=1e-12)  # pushes y_l down
+    # alpha = 0 is Preferred-FT's / SFT's loss exactly.
+    sft = preference_loss(pc, pr, loss_type="sft", chosen_lengths=n, rejected_lengths=n)
+    zero = preference_loss(pc, pr, loss_type="unlikelihood", unlikelihood_alpha=0.0,
+                           chosen_lengths=n, rejected_lengths=n)
+    assert zero.loss.item() == sft.loss.item()
+
+
+def test_unlikelihood_needs_negative_rejected_logps():
+    v = _ok()
+    pr = v["pr"].clone()
+    pr[1] = 0.0
+    with pytest.raises(ValueError, match="policy_rejected_logps"):
+        preference_loss(v["pc"], pr, loss_type="unlikelihood", chosen_lengths=v["lc"],
+                        rejected_lengths=v["lr"])
 
 
 def test_orpo_needs_negative_logps():

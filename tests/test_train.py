@@ -671,13 +671,15 @@ def test_schedules():
 
 @pytest.mark.parametrize("loss_type,extra", [("ipo", {}), ("simpo", {}), ("sigmoid",
                                                                          {"rpo_alpha": 0.5}),
-                                              ("orpo", {"optimizer": "rmsprop"})])
+                                              ("orpo", {"optimizer": "rmsprop"}),
+                                              ("unlikelihood", {"unlikelihood_alpha": 0.5}),
+                                              ("sft", {})])
 def test_loss_types_and_options_train(tmp_path, loss_type, extra):
     res = Trainer(config(tmp_path, word_rows(16), max_steps=2, loss_type=loss_type, **extra),
                   model=tiny_model(), tokenizer=tiny_tokenizer()).train()
     ms = train_losses(res.output_dir)
     assert len(ms) == 2 and all(math.isfinite(v) for _, v in ms)
-    ref_free = loss_type in ("simpo", "orpo")
+    ref_free = loss_type in ("simpo", "orpo", "unlikelihood", "sft")
     assert (Path(res.output_dir) / "ref_cache").exists() != ref_free
     if loss_type == "ipo":
         assert abs(ms[0][1] - 1 / (4 * 0.1 ** 2)) <= 1e-3  # h = 0 at step 1: 1/(4 beta^2)

@@ -35,6 +35,7 @@ _ROW_BLOCK = 32  # rows per elementwise block: 32 x 49152 fp32 = 6 MiB, L3-resid
 PAIR_SEPARABLE = frozenset((
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo", "cpo",
+    "unlikelihood",
 ))
 
 
@@ -241,7 +242,9 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             with torch.enable_grad():
                 out = preference_loss(pc, pr, rc, rr, chosen_lengths=lens[: p1 - p0],
                                       rejected_lengths=lens[p1 - p0:], **opts["loss_kwargs"])
-                gc, gr = torch.autograd.grad(out.losses.sum(), (pc, pr))
+                # allow_unused: sft's loss does not depend on the rejected log-probs.
+                gc, gr = torch.autograd.grad(out.losses.sum(), (pc, pr), allow_unused=True,
+                                             materialize_grads=True)
             losses.append(out.losses.detach())
             rew_c.append(out.chosen_rewards)
             rew_r.append(out.rejected_rewards)
@@ -249,7 +252,8 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             g_seq = torch.zeros(2 * b, dtype=torch.float32, device=dev)
             g_seq[seq_ids] = torch.cat([gc, gr]).float() / b
             g = g_seq.index_select(0, s_ids)
-            dh_rows = (torch.empty(rows.numel(), d, dtype=torch.float32, device=dev)
+            # zeros: the C++ backward skips rows whose gradient is 0 (sft's rejected tokens)
+            dh_rows = (torch.zeros(rows.numel(), d, dtype=torch.float32, device=dev)
                        if need_dh else None)
             eng.backward(h, tgt, g, dh_rows, dw, db, k == 0)
             if need_dh:

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-from ..losses import LOSS_TYPES, REFERENCE_FREE_TYPES
+from ..losses import LOSS_TYPES, NO_REFERENCE_TYPES
 
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -80,7 +80,7 @@ class TrainConfig:
         data_cache_dir: Tokenized-data cache (default $DPO_FAST_CACHE/tokenized; "" = off).
         loss_type: A loss name or a list of them: sigmoid, hinge, ipo, exo_pair, nca_pair,
             robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
-            sigmoid_norm, sft, simpo, orpo, cpo.
+            sigmoid_norm, sft (also Preferred-FT), simpo, orpo, cpo, unlikelihood.
         loss_weights: One weight per loss type (TRL's loss_weights).
         beta: DPO's beta (IPO's tau, SimPO / CPO temperature).
         label_smoothing: Label smoothing eps in [0, 0.5) (cDPO, robust, exo_pair, ...).
@@ -89,6 +89,7 @@ class TrainConfig:
         cpo_alpha: CPO's NLL weight.
         orpo_lambda: ORPO's odds-ratio weight (default: beta).
         discopop_tau: DiscoPOP's mixing temperature.
+        unlikelihood_alpha: Weight of the unlikelihood term on the rejected response.
         optimizer: adamw (default) or rmsprop (the DPO paper's).
         learning_rate: Peak learning rate.
         weight_decay: Weight decay.
@@ -183,6 +184,7 @@ class TrainConfig:
     cpo_alpha: float = 1.0
     orpo_lambda: Optional[float] = None
     discopop_tau: float = 0.05
+    unlikelihood_alpha: float = 1.0
 
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 1e-6
@@ -244,8 +246,9 @@ class TrainConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """False when every loss type is reference-free (simpo, orpo, cpo, sft)."""
-        return any(t not in REFERENCE_FREE_TYPES + ("sft",) for t in self.loss_types)
+        """False when every loss type is reference-free (simpo, orpo, cpo, sft,
+        unlikelihood)."""
+        return any(t not in NO_REFERENCE_TYPES for t in self.loss_types)
 
     def loss_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`dpo_fast.fused_preference_loss` for the loss."""
@@ -261,6 +264,8 @@ class TrainConfig:
             kw["orpo_lambda"] = self.orpo_lambda
         if "discopop" in types:
             kw["discopop_tau"] = self.discopop_tau
+        if "unlikelihood" in types:
+            kw["unlikelihood_alpha"] = self.unlikelihood_alpha
         return kw
 
     def to_dict(self) -> Dict[str, Any]:
@@ -353,6 +358,7 @@ class TrainConfig:
         number("beta", 0.0, lo_open=True)
         number("label_smoothing", 0.0, 0.5, hi_open=True)
         number("rpo_alpha", 0.0, optional=True)
+        number("unlikelihood_alpha", 0.0)
         number("learning_rate", 0.0)
         number("weight_decay", 0.0)
         number("adam_beta1", 0.0, 1.0, hi_open=True)
