@@ -24,8 +24,9 @@ Protocol (the paper's, with CPU-sized parts):
 
 Writes ``<out>/sentiment.json``, ``<out>/sentiment.png`` (the frontier) and
 ``<out>/sentiment.md`` (the table of the best reward at matched KL); the preference pairs,
-the training runs and the reference cache go to ``--work`` (default ``<out>/work``). ``--smoke`` runs every
-method on a handful of prompts for a few steps (CI).
+the training runs and the reference cache go to ``--work`` (default ``<out>/work``).
+``--smoke`` runs every method on a handful of prompts for a few steps (CI). The full run
+takes about an hour on 2 CPU cores.
 
     python benchmarks/repro_sentiment.py                      # the full run
     python benchmarks/repro_sentiment.py --smoke --out /tmp/s  # minutes

@@ -402,7 +402,8 @@ def preference_loss(
         rc = _check_vector("ref_chosen_logps", ref_chosen_logps, batch, device)
         rr = _check_vector("ref_rejected_logps", ref_rejected_logps, batch, device)
 
-    nll_types = [t for t in types if t in ("sft", "orpo", "unlikelihood") or (t == "cpo" and params["cpo_alpha"])]
+    nll_types = [t for t in types
+                 if t in ("sft", "orpo", "unlikelihood") or (t == "cpo" and params["cpo_alpha"])]
     len_types = [t for t in types if t in _NEEDS_LENGTHS]
     if nll_types and chosen_nll is None and chosen_lengths is None:
         raise ValueError(

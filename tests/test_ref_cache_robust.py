@@ -52,8 +52,11 @@ WORDS = ("the a movie film was is great bad good awful plot acting fun dull revi
 # `python -m dpo_fast ...` with two test knobs: DPO_TEST_BATCH_SLEEP (seconds added to every
 # forward batch, so runs overlap and can be killed mid-build) and DPO_TEST_EVENTS (print each
 # progress event with its wall-clock time).
+# SIGINT gets Python's default handler: a shell that starts the suite in the background
+# (`... &`) leaves SIGINT ignored in its children, while the Ctrl-C test stands for a terminal.
 WRAPPER = textwrap.dedent("""
-    import os, runpy, sys, time
+    import os, runpy, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     pause = float(os.environ.get("DPO_TEST_BATCH_SLEEP", "0"))
     if pause:
         import dpo_fast.refcache.build as b

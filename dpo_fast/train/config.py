@@ -336,10 +336,10 @@ class TrainConfig:
                              "Dataset, a list of dicts or a datasets name)")
         for name in ("dtype", "precision", "attention", "optimizer", "lr_scheduler_type",
                      "bad_rows", "truncation_mode", "strategy"):
-            choice(name, {"strategy": STRATEGIES, "dtype": DTYPES, "precision": PRECISIONS, "attention": ATTENTION_MODES,
-                          "optimizer": OPTIMIZERS, "lr_scheduler_type": SCHEDULERS,
-                          "bad_rows": BAD_ROW_POLICIES, "truncation_mode": TRUNCATION_MODES,
-                          }[name])
+            choice(name, {"strategy": STRATEGIES, "dtype": DTYPES, "precision": PRECISIONS,
+                          "attention": ATTENTION_MODES, "optimizer": OPTIMIZERS,
+                          "lr_scheduler_type": SCHEDULERS, "bad_rows": BAD_ROW_POLICIES,
+                          "truncation_mode": TRUNCATION_MODES}[name])
         number("dist_timeout", 0.0, lo_open=True)
         integer("ref_rows_per_shard", 1)
         if not isinstance(self.device, str) or not (
