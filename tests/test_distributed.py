@@ -22,6 +22,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from proc_util import wait_for_line  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer, word_rows  # noqa: E402
 
 from dpo_fast.train import TrainConfig, Trainer  # noqa: E402
@@ -164,10 +165,21 @@ def test_ddp_two_ranks_equal_one_process_and_precompute_bytes(setup):
 
 @pytest.mark.parametrize("model", ["untied", "tied"])
 def test_fsdp2_two_ranks_equal_one_process(setup, model):
-    one = run_cli(setup, f"one-{model}", 0, model=model, micro_batch_size=4)
+    # tied: also samples before / after training (every rank generates in lockstep through
+    # the sharded model; rank 0 keeps the texts)
+    kw = dict(sample_prompts=3, sample_max_new_tokens=6) if model == "tied" else {}
+    one = run_cli(setup, f"one-{model}", 0, model=model, micro_batch_size=4, **kw)
     fs = run_cli(setup, f"fsdp2-{model}", 2, model=model, strategy="fsdp2",
-                 entry_point=model == "tied")
+                 entry_point=model == "tied", **kw)
     _same_run(one, fs)
+    if kw:
+        sa, sb = (json.loads((d / "summary.json").read_text())["samples"] for d in (one, fs))
+        assert len(sa) == len(sb) == 3
+        # before training the gathered weights are the loaded ones bit for bit: the same
+        # seeded samples as one process
+        assert [r["before"] for r in sb] == [r["before"] for r in sa]
+        assert all(isinstance(r["after"], str) for r in sb)
+        assert any(r["before"] for r in sb)  # it generated text
     ck = fs / "checkpoint-10"
     assert sorted(p.name for p in (ck / "sharded").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors",
@@ -219,17 +231,6 @@ def _kill_tree(pid):
     return tree
 
 
-def _wait_line(proc, line, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = proc.stdout.readline()
-        if not got and proc.poll() is not None:
-            raise AssertionError(f"job ended before {line!r}: {proc.stderr.read()[-3000:]}")
-        if got.strip() == line:
-            return
-    raise AssertionError(f"timed out waiting for {line!r}")
-
-
 def _worker_cmd(setup, out, **kw):
     return _torchrun(2, str(WORKER), json.dumps(_config(setup, output_dir=str(out), **kw)))
 
@@ -238,7 +239,7 @@ def test_kill_9_of_the_whole_job_then_resume_fsdp2(setup):
     want = run_cli(setup, "fsdp2-untied", 2, model="untied", strategy="fsdp2")
     out = setup / "killed"
     job = _spawn_job(_worker_cmd(setup, out, strategy="fsdp2"), HOLD_AT="5")
-    _wait_line(job, "STEP 5")
+    wait_for_line(job, "STEP 5", timeout=240)
     assert len(_kill_tree(job.pid)) >= 3  # torchrun and both ranks at once
     job.wait(30)
     assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-6").exists()
@@ -269,7 +270,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_then_resume(setu
     want = run_cli(setup, "ddp", 2)
     out = setup / "sigterm"
     job = _spawn_job(_worker_cmd(setup, out, save_steps=None), SLOW="0.5")
-    _wait_line(job, "STEP 3")
+    wait_for_line(job, "STEP 3", timeout=240)
     job.send_signal(signal.SIGTERM)  # to torchrun, which passes it to both ranks
     stdout, err = job.communicate(timeout=120)
     summary = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from proc_util import wait_for_line  # noqa: E402
 from tiny import random_examples, tiny_config, tiny_model, tiny_tokenizer, word_rows  # noqa: E402
 
 from dpo_fast.models import head_settings, model_parts  # noqa: E402
@@ -307,17 +307,6 @@ def _spawn(script, out, *extra, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(proc, line, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = proc.stdout.readline()
-        if not got and proc.poll() is not None:
-            raise AssertionError(f"process ended before {line!r}: {proc.stderr.read()[-3000:]}")
-        if got.strip() == line:
-            return
-    raise AssertionError(f"timed out waiting for {line!r}")
-
-
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "model"
@@ -337,7 +326,7 @@ def test_kill_and_sigint_resume_bitwise(tmp_path, saved_tiny):
 
     # kill -9 while step 5 is being followed (checkpoint-4 is the last one written)
     p = _spawn(script, tmp_path / "killed", env={"HOLD_AT": "5"})
-    _wait_for(p, "STEP 5")
+    wait_for_line(p, "STEP 5")
     p.kill()
     p.wait(30)
     assert (tmp_path / "killed" / "checkpoint-4").is_dir()
@@ -351,7 +340,7 @@ def test_kill_and_sigint_resume_bitwise(tmp_path, saved_tiny):
 
     # SIGINT: a checkpoint is written and the process exits cleanly
     p = _spawn(script, tmp_path / "sigint", env={"SLOW": "0.5"})
-    _wait_for(p, "STEP 3")
+    wait_for_line(p, "STEP 3")
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-3000:]

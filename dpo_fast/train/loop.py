@@ -1024,13 +1024,8 @@ class Trainer:
         cfg = self.config
         if not cfg.sample_prompts:
             return []
-        if self.dist.strategy == "fsdp2":
-            if self.is_main:
-                warnings.warn("sample_prompts is skipped under strategy='fsdp2' (generation "
-                              "would need every rank in lockstep); sample from the saved model "
-                              "with dpo-fast eval", UserWarning, stacklevel=2)
-            return []
-        if not self.is_main:  # rank 0 samples from its full copy (DDP); the others wait
+        fsdp = self.dist.strategy == "fsdp2"
+        if not (self.is_main or fsdp):  # rank 0 samples from its full copy (DDP); others wait
             return []
         from .sampling import sample_responses, unique_prompts
 
@@ -1039,10 +1034,20 @@ class Trainer:
         self._stage(f"sampling {len(prompts)} responses to held-out prompts ({when} "
                     "training)")
         self._sample_prompts = prompts
-        return sample_responses(self.model, self.tokenizer, prompts,
-                                max_new_tokens=cfg.sample_max_new_tokens,
-                                temperature=cfg.sample_temperature, seed=cfg.seed,
-                                device=self.device)
+
+        def sample(lm):
+            return sample_responses(lm, self.tokenizer, prompts,
+                                    max_new_tokens=cfg.sample_max_new_tokens,
+                                    temperature=cfg.sample_temperature, seed=cfg.seed,
+                                    device=self.device, synced=fsdp)
+
+        if not fsdp:
+            return sample(self.model)
+        # FSDP2: every rank generates the same prompts through the root module (its forward
+        # gathers the embeddings / norm / head; each layer gathers in its own forward), kept in
+        # lockstep by generate's synced_gpus; rank 0 keeps the texts.
+        out = self._fwd(sample)
+        return out if self.is_main else []
 
     def _pair_samples(self, before: List[str], after: List[str]):
         if not before and not after:

@@ -32,11 +32,14 @@ def unique_prompts(examples: Sequence[PreferenceExample], n: int) -> List[np.nda
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                      temperature: float, seed: int, device: torch.device,
-                     batch_size: int = 16) -> List[str]:
+                     batch_size: int = 16, synced: bool = False) -> List[str]:
     """One sampled continuation per prompt (ids [P]), decoded without special tokens.
 
     Pure sampling (no top-k / top-p), ``temperature`` as given, left-padded batches. The
-    global torch / numpy / Python RNG states are restored afterwards.
+    global torch / numpy / Python RNG states are restored afterwards. ``synced``: every rank
+    of the process group calls this with the same prompts, and each keeps stepping until all
+    have finished (generate's ``synced_gpus``; what a sharded model, whose every forward is a
+    collective, needs).
     """
     states = rng_state()
     was = model.training
@@ -58,7 +61,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[np.ndarray], *, max_new
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 use_cache=True)
+                                 use_cache=True, synced_gpus=synced)
             for r in range(len(chunk)):
                 out.append(tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip())
     finally:
