@@ -187,6 +187,46 @@ def test_fsdp2_two_ranks_equal_one_process(setup, model):
     assert not (ck / "model.safetensors").exists()
 
 
+def _safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_lora_under_fsdp2_equals_one_process_merges_and_resumes(setup):
+    """LoRA adapters on a sharded frozen base (tied embeddings): the same losses, adapter and
+    merged model as one process; a run resumed from its step-6 checkpoint repeats the rest
+    exactly."""
+    kw = dict(model="tied", lora_r=4, merge_lora=True, max_steps=10)
+    one = run_cli(setup, "one-lora", 0, micro_batch_size=4, **kw)
+    fs = run_cli(setup, "fsdp2-lora", 2, strategy="fsdp2", **kw)
+    a, b = losses(one), losses(fs)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) <= 1e-5
+    assert a[-1][1] != a[0][1]
+    ad_one, ad_fs = (_safetensors(d / "adapter_model.safetensors") for d in (one, fs))
+    assert sorted(ad_one) == sorted(ad_fs) and any("lora_B" in k for k in ad_one)
+    assert max(float((ad_one[k] - ad_fs[k]).abs().max()) for k in ad_one) <= 1e-4
+    assert max(float(v.abs().max()) for k, v in ad_fs.items() if "lora_B" in k) > 1e-3
+    m_one, m_fs = (_safetensors(d / "merged" / "model.safetensors") for d in (one, fs))
+    base = _safetensors(setup / "tied" / "model.safetensors")
+    assert sorted(m_one) == sorted(m_fs) == sorted(base)
+    assert max(float((m_one[k] - m_fs[k]).abs().max()) for k in m_one) <= 1e-4
+    assert max(float((m_fs[k] - base[k]).abs().max()) for k in base) > 1e-3  # merged in
+    # resume from checkpoint-6 of the FSDP2 run (sharded adapter + optimizer state)
+    out = setup / "lora-resumed"
+    shutil.copytree(fs, out)
+    for name in ("checkpoint-8", "checkpoint-10"):
+        shutil.rmtree(out / name)
+    (out / "adapter_model.safetensors").unlink()
+    shutil.rmtree(out / "merged")
+    _run(_worker_cmd(setup, out, strategy="fsdp2", resume_from_checkpoint=True,
+                     overwrite_output_dir=False, **kw))
+    assert losses(out) == b  # exact
+    ad_r = _safetensors(out / "adapter_model.safetensors")
+    assert all(torch.equal(ad_r[k], ad_fs[k]) for k in ad_fs)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("model", ["untied", "tied"])
 def test_fused_loss_and_grads_under_the_engine(setup, strategy, model):

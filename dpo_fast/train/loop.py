@@ -524,9 +524,6 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.train()
         self._setup_compute()
-        if self.dist.strategy == "fsdp2" and cfg.lora_r is not None:
-            raise ValueError("TrainConfig.lora_r with strategy='fsdp2' is not supported; LoRA "
-                             "keeps the base weights frozen, so use strategy='ddp'")
         if self.dist.strategy == "fsdp2" and cfg.torch_compile and self.is_main:
             warnings.warn("torch_compile is not applied under strategy='fsdp2' (the body runs "
                           "eagerly)", UserWarning, stacklevel=2)
@@ -1101,12 +1098,28 @@ class Trainer:
             os.replace(tmp / name, out / name)
         shutil.rmtree(tmp, ignore_errors=True)
         if self.config.merge_lora:
-            merged = self.model.merge_and_unload()
+            if state_dict is None:
+                merged = self.model.merge_and_unload()
+            else:  # FSDP2: the live weights are shards; merge the saved adapter into the base
+                merged = self._merged_from_saved_adapter(out)
             merged.save_pretrained(out / "merged", safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(out / "merged")
-            self.model = merged
+            if state_dict is None:
+                self.model = merged
         return out
+
+    def _merged_from_saved_adapter(self, adapter_dir: Path) -> torch.nn.Module:
+        """The base model (``config.model``, on the CPU) with the adapter saved in
+        ``adapter_dir`` merged into its weights (rank 0 under FSDP2)."""
+        from peft import PeftModel
+
+        if self.config.model is None:
+            raise ValueError("TrainConfig.merge_lora with strategy='fsdp2' needs "
+                             "TrainConfig.model (the base weights to merge into)")
+        base = _load_model(self.config.model, self._model_dtype(), torch.device("cpu"),
+                           "model")
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _step_of(d: Path) -> int:
