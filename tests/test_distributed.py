@@ -91,15 +91,34 @@ def _config(setup, model="untied", **kw):
 _RUNS = {}
 
 
-def run_cli(setup, name, nproc, entry_point=False, **kw):
-    """`dpo-fast train` on ``nproc`` processes (torchrun) or one (plain), once per name."""
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(setup, name, nproc, entry_point=False, accelerate=False, **kw):
+    """`dpo-fast train` on ``nproc`` processes (torchrun, or ``accelerate launch``) or one
+    (plain), once per name."""
     if name not in _RUNS:
         out = setup / name
         cfg = _config(setup, output_dir=str(out), **kw)
         y = setup / f"{name}.yaml"
         y.write_text(json.dumps(cfg))  # JSON is YAML
         args = ["train", "--config", str(y), "--quiet"]
-        if entry_point:  # the console script, as torchrun runs it: --no-python dpo-fast
+        if accelerate:  # flags for all its questions: no accelerate config file is needed
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None:
+                assert os.environ.get("CI") != "true", "accelerate is not installed"
+                pytest.skip("accelerate is not installed")
+            _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  f"--num_processes={nproc}", "--num_machines=1", "--mixed_precision=no",
+                  "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+                  "-m", "dpo_fast", *args])
+        elif entry_point:  # the console script, as torchrun runs it: --no-python dpo-fast
             exe = shutil.which("dpo-fast")
             if exe is None and os.environ.get("CI") != "true":
                 pytest.skip("the dpo-fast entry point is not installed")
@@ -161,6 +180,16 @@ def test_ddp_two_ranks_equal_one_process_and_precompute_bytes(setup):
     vals = c.lookup(c.keys()).numpy()
     assert vals.size == 2 * (10 * 4 + 10)  # the pairs 10 steps of 4 visit + the eval pairs
     assert np.all(np.isfinite(vals)) and np.all(vals < -1.0)  # real sums of log-probs, not 0
+
+
+def test_accelerate_launch_runs_the_same_job(setup):
+    """`accelerate launch --multi_gpu` (torchrun underneath; on the CPU here) sets the same
+    environment: the same DDP run as one process."""
+    one = run_cli(setup, "one", 0, micro_batch_size=4)
+    acc = run_cli(setup, "accelerate", 2, accelerate=True)
+    _same_run(one, acc)
+    st = json.loads((acc / "checkpoint-10" / "trainer_state.json").read_text())
+    assert (st["strategy"], st["world_size"]) == ("ddp", 2)
 
 
 @pytest.mark.parametrize("model", ["untied", "tied"])
