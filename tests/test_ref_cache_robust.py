@@ -702,8 +702,7 @@ def test_compaction_keeps_values_survives_kills_and_readers(setup, oracles, tmp_
     for i in range(0, len(exs), 5):  # 40 ensures of 5 rows: a 5-row shard each
         last = RefLogProbCache.ensure(setup.model, exs[:i + 5], e, **dict(kw, compact="auto"))
         counts.append(len(last.manifest["shards"]))
-        now = last.lookup(exs[:i + 5], split=True)
-        now = torch.stack(now, 1)  # [rows, 2]
+        now = torch.stack(last.lookup(exs[:i + 5], split=True), 1)  # [rows, 2]
         assert torch.equal(now[:i], held), i
         held = now
     for k, c in enumerate(counts, 1):  # never more than max(16, 2 x the compacted count)

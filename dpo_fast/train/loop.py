@@ -1072,7 +1072,8 @@ class Trainer:
 
         out = Path(out)
         state_dict = None
-        if self.dist.strategy == "fsdp2":  # every rank gathers; rank 0 writes one folder
+        fsdp = self.dist.strategy == "fsdp2"
+        if fsdp:  # every rank gathers; rank 0 writes one folder
             from torch.distributed.checkpoint.state_dict import StateDictOptions, \
                 get_model_state_dict
 
@@ -1098,14 +1099,14 @@ class Trainer:
             os.replace(tmp / name, out / name)
         shutil.rmtree(tmp, ignore_errors=True)
         if self.config.merge_lora:
-            if state_dict is None:
-                merged = self.model.merge_and_unload()
-            else:  # FSDP2: the live weights are shards; merge the saved adapter into the base
+            if fsdp:  # the live weights are shards: merge the saved adapter into the base
                 merged = self._merged_from_saved_adapter(out)
+            else:
+                merged = self.model.merge_and_unload()
             merged.save_pretrained(out / "merged", safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(out / "merged")
-            if state_dict is None:
+            if not fsdp:
                 self.model = merged
         return out
 
