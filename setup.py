@@ -96,6 +96,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        # Supported (CI compiles every kernel for sm_80 / sm_90 and runs the interpreter
+        # tests with both): Triton 3.8 (what torch 2.14's CUDA wheel pins) and 3.9 (the
+        # newest on PyPI, what pip picks beside a CPU-only torch). No upper bound: torch's own
+        # pin decides, and a bound here would fight it (dpo_fast.kernels.TRITON_TESTED;
+        # `dpo-fast info` says whether the installed one is among them).
         "triton; platform_system == 'Linux'",
         "numpy",
         "safetensors",

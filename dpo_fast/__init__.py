@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+# Before anything loads torch (and with it the OpenMP runtime): idle OpenMP threads block
+# instead of spinning, so CPU training keeps its speed next to other processes (_openmp.py).
+from . import _openmp  # noqa: E402
+
+_openmp.configure()
+
 from .data import (  # noqa: E402
     PreferenceExample,
     pack_pair_batch,

@@ -75,6 +75,11 @@ class ProgressBar:
         self.bar = None
         self.last: Optional[BuildProgress] = None
 
+    @property
+    def drawn(self) -> bool:
+        """Whether the bar is on the stream (its line then needs ending before more text)."""
+        return self.bar is not None
+
     def status(self, p: BuildProgress) -> str:
         """``"<rate> tok/s | ETA <mm:ss>"`` of progress ``p``."""
         rate = p.tokens_computed / p.elapsed_s if p.elapsed_s > 0 else 0.0

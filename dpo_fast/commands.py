@@ -1,8 +1,10 @@
 """``dpo-fast train``, ``dpo-fast eval`` and ``dpo-fast info`` (``precompute`` is in cli.py).
 
 ``train`` parses :class:`dpo_fast.train.TrainConfig` with jsonargparse: a YAML file or a named
-preset (``--config``; default: the ``demo`` preset, the bundled SmolLM2 + Rotten Tomatoes run),
-then ``key=value`` overrides (or ``--key value``), each checked against the field's type.
+preset (``--config``), then ``key=value`` overrides (or ``--key value``), each checked against
+the field's type. Without ``--config`` the base is the ``demo`` preset (the bundled SmolLM2 +
+Rotten Tomatoes run) only while the command line names neither ``model`` nor ``train_data``;
+a user's own run starts from TrainConfig's defaults and inherits nothing from the demo.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "demo"
@@ -46,10 +48,13 @@ def train_parser():
                     "over rotten Rotten Tomatoes reviews; about 10 minutes on 2 CPU cores). "
                     "Settings come from --config (a YAML file or a preset: "
                     f"{', '.join(presets())}) and key=value overrides, e.g. "
-                    "`dpo-fast train --config my.yaml learning_rate=5e-7 max_steps=200`.")
+                    "`dpo-fast train --config my.yaml learning_rate=5e-7 max_steps=200`. "
+                    "Once model or train_data is given, the defaults below are the base "
+                    "(nothing comes from the demo).")
     p.add_argument("--config", action=ActionConfigFile,
                    help=f"YAML file or preset name ({', '.join(presets())}); default: the "
-                        f"{DEFAULT_PRESET} preset when no --config is given")
+                        f"{DEFAULT_PRESET} preset when neither --config nor model / train_data "
+                        "is given, else the defaults below")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
@@ -57,11 +62,31 @@ def train_parser():
     return p
 
 
-def _expand(argv: List[str]) -> List[str]:
-    """``key=value`` -> ``--key=value``; a preset name after ``--config`` -> its YAML path;
-    the default preset first when no ``--config`` is given."""
+#: Naming one of these on the command line makes it the user's own run: its base is then
+#: TrainConfig's defaults, not the demo preset.
+OWN_RUN_KEYS = ("model", "train_data")
+
+
+def _named_keys(argv: List[str]) -> List[str]:
+    """The TrainConfig keys a command line sets (``key=value``, ``--key=value``, ``--key v``)."""
+    keys = []
+    for i, a in enumerate(argv):
+        if a.startswith("--") and a not in ("--config", "--quiet", "--debug", "--help"):
+            keys.append(a[2:].split("=", 1)[0])
+        elif not a.startswith("-") and "=" in a and (i == 0 or argv[i - 1] != "--config"):
+            keys.append(a.split("=", 1)[0].strip())
+    return [k.replace("-", "_") for k in keys]
+
+
+def _expand(argv: List[str]) -> Tuple[List[str], Optional[str]]:
+    """``key=value`` -> ``--key=value``; a preset name after ``--config`` -> its YAML path.
+    With no ``--config``, the demo preset is the base only when the command line names
+    neither ``model`` nor ``train_data`` (``dpo-fast train``, ``dpo-fast train
+    max_steps=10``); a user's own run starts from TrainConfig's defaults. Returns the
+    expanded arguments and the preset they start from (None: a file or the defaults)."""
     out: List[str] = []
     names = presets()
+    base: Optional[str] = None
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -71,39 +96,51 @@ def _expand(argv: List[str]) -> List[str]:
             if v not in names and not Path(v).is_file():
                 raise UsageError(f"--config {v}: no such file or preset (presets: "
                                  f"{', '.join(names)})")
+            base = v if v in names else base
             i += 2
             continue
         if a.startswith("--config="):
             v = a.split("=", 1)[1]
             out.append("--config=" + (str(names[v]) if v in names else v))
+            base = v if v in names else base
         elif not a.startswith("-") and "=" in a:
             k, v = a.split("=", 1)
             out.append(f"--{k.strip()}={v}")
         else:
             out.append(a)
         i += 1
-    if not any(a == "--config" or a.startswith("--config=") for a in out) and \
-            not any(a in ("-h", "--help") for a in out):
+    given_config = any(a == "--config" or a.startswith("--config=") for a in out)
+    own_run = any(k in OWN_RUN_KEYS for k in _named_keys(argv))
+    if not given_config and not own_run and not any(a in ("-h", "--help") for a in out):
         out = ["--config", str(names[DEFAULT_PRESET])] + out
-    return out
+        base = DEFAULT_PRESET
+    return out, base
 
 
 def parse_train_args(argv: List[str]):
     """(TrainConfig, quiet, debug) from a ``dpo-fast train`` command line; UsageError for an
-    unknown key, a wrong type, a bad value or a missing data file."""
+    unknown key, a wrong type, a bad value or a missing data file.
+
+    The demo preset may start over in its own folder (its ``overwrite_output_dir``); moved
+    to another ``output_dir`` it refuses a folder holding an earlier run, as every other run
+    does, unless ``overwrite_output_dir`` is given."""
     from jsonargparse import ArgumentError
 
     from .train import TrainConfig
 
     parser = train_parser()
+    expanded, base = _expand(argv)
     try:
-        ns = parser.parse_args(_expand(argv))
+        ns = parser.parse_args(expanded)
     except ArgumentError as e:
         raise UsageError(_one_line_jsonargparse(str(e))) from None
     d = ns.as_dict()
     quiet, debug = d.pop("quiet"), d.pop("debug")
     d.pop("config", None)
     d.pop("__path__", None)
+    named = set(_named_keys(argv))
+    if base is not None and "output_dir" in named and "overwrite_output_dir" not in named:
+        d["overwrite_output_dir"] = False
     cfg = TrainConfig(**d)
     try:
         cfg.validate()
@@ -164,7 +201,12 @@ def train_command(argv: List[str], err: TextIO) -> int:
         teardown(trainer.dist)
     err.flush()
     if main:
-        sys.stdout.write(report(res, time.perf_counter() - t0))
+        from .losses import NO_REFERENCE_TYPES
+
+        losses = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+        ref_is_policy = cfg.ref_model is None and not all(
+            t in NO_REFERENCE_TYPES for t in losses)
+        sys.stdout.write(report(res, time.perf_counter() - t0, ref_is_policy))
         sys.stdout.flush()
     return 0
 
@@ -193,8 +235,12 @@ class _LogLines:
                      f"{m['eval/rewards/margins']:.4f}\n")
 
 
-def report(res, seconds: float) -> str:
-    """The end-of-run report: held-out metrics before / after, sample scores, samples, files."""
+def report(res, seconds: float, reference_is_policy: bool = False) -> str:
+    """The end-of-run report: held-out metrics before / after, sample scores, samples, files.
+
+    ``reference_is_policy``: the reference model is the initial policy (no ``ref_model``, a
+    loss with a reference term), so before training every pair's true margin is 0 and the
+    "before" reward accuracy only counts fp32 rounding; the report says so."""
     lines = ["", f"dpo-fast train: {res.global_step} steps in {seconds / 60:.1f} min "
                  f"({res.tokens_per_second:,.0f} tokens/s training, peak memory "
                  f"{res.peak_memory_mb / 1024:.2f} GiB, attention {res.attention})"]
@@ -206,7 +252,13 @@ def report(res, seconds: float) -> str:
         lines.append(f"  held-out ({res.eval_pairs} pairs)      before    after")
         for k, name in (("eval/rewards/accuracies", "reward accuracy"),
                         ("eval/rewards/margins", "reward margin"), ("eval/loss", "DPO loss")):
-            lines.append(f"    {name:<24}{b[k]:>8.3f} {a[k]:>8.3f}")
+            tie = "*" if reference_is_policy and k == "eval/rewards/accuracies" else " "
+            lines.append(f"    {name:<24}{b[k]:>8.3f}{tie}{a[k]:>8.3f}")
+        if reference_is_policy:
+            lines.append("    * before training the policy is the reference model, so every "
+                         "margin is 0 up to fp32 rounding (the reference values were computed "
+                         "in other batches) and the pairs are ties: TRL counts them 0, and "
+                         "this 'before' accuracy counts rounding noise")
     if res.sample_score_before is not None and res.sample_score_after is not None:
         lines.append(f"  mean sentiment (VADER) of {len(res.samples)} sampled reviews of unseen "
                      f"movies: {res.sample_score_before:+.3f} -> {res.sample_score_after:+.3f}")
@@ -314,10 +366,17 @@ def info_lines() -> List[str]:
 
     lines = [f"dpo_fast {dpo_fast.__version__} (python {platform.python_version()}, "
              f"{platform.system()} {platform.machine()})"]
+    from . import _openmp
+    from .kernels import TRITON_TESTED
+
     for name in ("torch", "triton", "transformers", "datasets", "peft", "flash-attn",
                  "tensorboard", "matplotlib", "vaderSentiment", "jsonargparse"):
         v = _version(name)
-        lines.append(f"  {name:<16}{v or 'not installed'}")
+        note = ""
+        if name == "triton" and v:
+            tested = ".".join(v.split(".")[:2]) in TRITON_TESTED
+            note = f" ({'' if tested else 'not '}tested: CI covers {', '.join(TRITON_TESTED)})"
+        lines.append(f"  {name:<16}{v or 'not installed'}{note}")
     lines.append("backends:")
     cpp = logprobs_cpu.available()
     lines.append("  C++ CPU kernel   " + ("yes (dpo_fast._C)" if cpp else
@@ -351,6 +410,7 @@ def info_lines() -> List[str]:
     except (OSError, ValueError, IndexError):
         pass
     lines.append(f"machine: {cores} cores{mem}, torch threads {torch.get_num_threads()}")
+    lines.append(f"  OpenMP waits     {_openmp.wait_policy()}")
     return lines
 
 

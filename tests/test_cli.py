@@ -162,3 +162,134 @@ def test_readme_config_reference_is_generated_from_the_dataclass():
     block = text[text.index(README_START) + len(README_START):text.index(README_END)]
     assert block == "\n" + config_reference_markdown(), \
         "README config reference is stale: run dpo_fast.train.config.update_readme('README.md')"
+
+
+# ----------------------------------------------------------------- the README's own commands
+
+
+def readme_commands(heading):
+    """The ``dpo-fast`` command lines of the first bash block under ``heading`` in the README,
+    continuation lines joined and trailing comments dropped, as shell words."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    block = block.replace("\\\n", " ")
+    return [shlex.split(ln, comments=True) for ln in block.splitlines() if ln.strip()]
+
+
+def run_readme_command(words, cwd, subs, timeout=900):
+    """Runs one README command in ``cwd`` with the placeholders in ``subs`` (a user's model
+    folder and files) replaced, through the installed ``dpo-fast`` entry point (CI installs
+    it; elsewhere ``python -m dpo_fast`` stands in when it is not on PATH)."""
+    import shutil
+
+    assert words[0] == "dpo-fast", words
+    words = [subs.get(w, w) if "=" not in w else
+             w.split("=", 1)[0] + "=" + subs.get(w.split("=", 1)[1], w.split("=", 1)[1])
+             for w in words]
+    exe = shutil.which("dpo-fast")
+    if exe is None and os.environ.get("CI"):
+        raise AssertionError("the dpo-fast entry point is not installed")
+    cmd = [exe] if exe else [sys.executable, "-m", "dpo_fast"]
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", DPO_FAST_CACHE=str(cwd / "cache"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd + words[1:], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+def _own_run_folder(tmp_path):
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    tiny_model().save_pretrained(tmp_path / "path" / "to" / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "path" / "to" / "model")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in word_rows(60)))
+    return {"path/to/model": str(tmp_path / "path" / "to" / "model")}
+
+
+def _assert_only_asked_for(cfg_yaml, words):
+    """Every setting of a run's config.yaml is what its command line named or the default
+    (the command line's own default for report_to): nothing came from the demo preset."""
+    import dataclasses
+
+    from dpo_fast.train import TrainConfig
+
+    named = {w.split("=", 1)[0] for w in words[2:] if "=" in w}
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "report_to":
+            default = ["plots", "tensorboard"]
+        if f.name not in named:
+            assert cfg_yaml[f.name] == default, (f.name, cfg_yaml[f.name], default)
+
+
+def test_readme_own_model_and_data_commands_work_as_written(tmp_path):
+    cmds = readme_commands("### Your own model and data")
+    train, from_yaml, help_ = cmds
+    assert "eval_fraction=0.05" in train and "output_dir=runs/mine" in train
+    subs = _own_run_folder(tmp_path)
+    r = run_readme_command(train, tmp_path, subs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "mine"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    _assert_only_asked_for(cfg, train)
+    assert cfg["eval_data"] is None and cfg["sample_prompts"] == 0 and cfg["eval_fraction"] == 0.05
+    assert cfg["max_steps"] == 1000 and cfg["output_dir"] == "runs/mine"
+    assert (run / "model.safetensors").is_file()
+    assert "bundled" not in (run / "config.yaml").read_text()
+    assert "rotten" not in r.stdout.lower() and "sentiment" not in r.stdout.lower()
+    # the same command again refuses the folder of the earlier run
+    r = run_readme_command(train, tmp_path, subs)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "holds an earlier run" in r.stderr and "resume_from_checkpoint=true" in r.stderr
+    assert "Traceback" not in r.stderr
+    # without eval_fraction: no held-out set at all, still nothing from the demo
+    plain = [w for w in train if not w.startswith(("eval_fraction=", "max_steps=", "output_dir="))]
+    plain += ["max_steps=20", "output_dir=runs/plain"]
+    r = run_readme_command(plain, tmp_path, subs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "runs" / "plain" / "config.yaml").read_text())
+    _assert_only_asked_for(cfg, plain)
+    assert "held-out" not in r.stdout
+    # the YAML form with an override on top
+    assert from_yaml[:3] == ["dpo-fast", "train", "--config"] and from_yaml[4] == "beta=0.05"
+    (tmp_path / from_yaml[3]).write_text(yaml.safe_dump(
+        {"model": subs["path/to/model"], "train_data": "pairs.jsonl", "output_dir": "runs/yaml",
+         "max_steps": 3, "beta": 0.2}))
+    r = run_readme_command(from_yaml, tmp_path, subs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())
+    assert cfg["beta"] == 0.05 and cfg["max_steps"] == 3 and cfg["eval_data"] is None
+    r = run_readme_command(help_, tmp_path, subs)
+    assert r.returncode == 0 and "--eval_fraction" in r.stdout
+
+
+def test_demo_is_the_base_only_without_a_model_or_data(tmp_path):
+    from dpo_fast.commands import UsageError, parse_train_args
+    from dpo_fast.train import TrainConfig
+
+    demo, _, _ = parse_train_args([])
+    assert demo.model == "bundled:smollm2-135m-instruct" and demo.sample_prompts == 32
+    assert demo.output_dir == "runs/demo" and demo.overwrite_output_dir  # its own folder
+    shorter, _, _ = parse_train_args(["max_steps=5"])  # still the demo, shortened
+    assert shorter.eval_data == demo.eval_data and shorter.max_steps == 5
+    moved, _, _ = parse_train_args(["output_dir=elsewhere"])  # the demo in another folder
+    assert moved.sample_prompts == 32 and not moved.overwrite_output_dir
+    asked, _, _ = parse_train_args(["output_dir=elsewhere", "overwrite_output_dir=true"])
+    assert asked.overwrite_output_dir
+    explicit, _, _ = parse_train_args(["--config", "demo", "output_dir=x"])
+    assert explicit.sample_prompts == 32 and not explicit.overwrite_output_dir
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for argv in (["model=m", f"train_data={data}"], ["--model", "m", "--train_data", str(data)],
+                 ["--model=m", f"train_data={data}"]):
+        own, _, _ = parse_train_args(argv)
+        defaults = TrainConfig(model="m", train_data=str(data),
+                               report_to=["plots", "tensorboard"])
+        assert own == defaults, argv
+    # naming only one of them is an own run too: the demo does not fill in the other
+    with pytest.raises(UsageError, match="train_data is required"):
+        parse_train_args(["model=m"])
+    with pytest.raises(UsageError, match="model"):
+        parse_train_args([f"train_data={data}"])

