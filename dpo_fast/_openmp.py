@@ -5,11 +5,13 @@ by default spins for a while at the end of every parallel region before it sleep
 training step on the CPU runs thousands of short parallel regions (elementwise ops, small
 GEMMs). With another process on the same cores the spinning threads take the cores away
 from the thread that still has work, and each region then ends a scheduler time slice late:
-measured on 2 cores next to a 2-thread torch job of short ops, the median step went from
-2.6 s to 16 s (single steps up to 34 s), with torch's elementwise ops 10-14x slower and its
-GEMMs 2.8x (``benchmarks/bench_contention.py``, README "Performance"). Threads that block
-instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) give the cores back at once: 4.5 s there,
-and no slower alone.
+measured on 2 cores (SmolLM2-135M, 4 pairs, max_length 128), the median step went from
+2.17 s alone to 14.2 s next to a 2-thread torch job of short ops (single steps up to 33 s)
+and to 29.7 s next to a 2-thread matmul loop, with torch's elementwise ops 10-14x slower and
+its GEMMs 2.8x (``benchmarks/bench_contention.py``, README "Performance"). Threads that block
+instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) give the cores back at once: 3.6 s next to
+either, at a cost alone of 2.40 s instead of 2.17 s (1.10x: waking a blocked thread takes
+longer than finding a spinning one).
 
 libgomp reads the policy once, when it is loaded (with torch), and offers no call to change it
 later, so :func:`configure` runs when ``dpo_fast`` is imported: if no OpenMP runtime is loaded
