@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-# Before anything loads torch (and with it the OpenMP runtime): idle OpenMP threads block
-# instead of spinning, so CPU training keeps its speed next to other processes (_openmp.py).
+# Before anything loads torch (and with it the OpenMP runtime): idle OpenMP threads spin only
+# briefly before they block, so CPU training keeps its speed next to other processes
+# (_openmp.py).
 from . import _openmp  # noqa: E402
 
 _openmp.configure()

@@ -1,6 +1,6 @@
 """The OpenMP wait policy dpo_fast sets on import (dpo_fast/_openmp.py), read back from the
-OpenMP runtime itself: libgomp's OMP_DISPLAY_ENV=VERBOSE prints the spin count it uses (0 when
-threads block at once, 300000 for its default spin-then-sleep). In child processes, since the
+OpenMP runtime itself: libgomp's OMP_DISPLAY_ENV=VERBOSE prints the spin count it uses (dpo_fast's
+short spin, or 300000 for libgomp's default). In child processes, since the
 runtime reads its settings once, when torch loads it."""
 
 import json
@@ -39,22 +39,26 @@ PROBE = """
 """
 
 
-def test_dpo_fast_first_makes_threads_block():
+def test_dpo_fast_first_shortens_the_spin():
+    from dpo_fast._openmp import SPIN_COUNT
+
     out, spin = run(PROBE.format(first="import dpo_fast"))
-    assert spin == 0
-    assert out.startswith("passive (set by dpo_fast") and out.split("\n")[1] == "False"
+    assert spin == SPIN_COUNT < 300000
+    assert out.startswith("short spin (GOMP_SPINCOUNT=") and out.split("\n")[1] == "False"
 
 
 def test_torch_first_keeps_the_spin_and_says_so():
     out, spin = run(PROBE.format(first="import torch, dpo_fast"))
     assert spin == 300000
-    assert out.startswith("spin then sleep") and "OMP_WAIT_POLICY=PASSIVE" in out
+    assert out.startswith("long spin") and "GOMP_SPINCOUNT=" in out
     assert out.split("\n")[1] == "True"
 
 
 def test_a_policy_the_user_set_is_kept():
-    out, spin = run(PROBE.format(first="import dpo_fast"), OMP_WAIT_POLICY="ACTIVE")
-    assert spin > 0 and out.startswith("OMP_WAIT_POLICY=ACTIVE (from the environment)")
+    out, spin = run(PROBE.format(first="import dpo_fast"), OMP_WAIT_POLICY="PASSIVE")
+    assert spin == 0 and out.startswith("OMP_WAIT_POLICY=PASSIVE (from the environment)")
+    out, spin = run(PROBE.format(first="import dpo_fast"), GOMP_SPINCOUNT="1234")
+    assert spin == 1234 and out.startswith("GOMP_SPINCOUNT=1234 (from the environment)")
 
 
 def test_the_policy_does_not_change_results(tmp_path):

@@ -850,10 +850,10 @@ class Trainer:
         self._stage(f"training: {len(self.train_data.examples)} pairs, {st.max_steps} steps of "
                     f"{cfg.batch_size} pairs, attention {self.attention}, device {self.device}")
         if self.device.type == "cpu" and _openmp.spinning():
-            self._stage("note: this process's OpenMP threads spin-wait (torch was imported "
-                        "before dpo_fast); next to other busy processes a CPU step can take "
-                        "several times longer. Import dpo_fast before torch, or set "
-                        "OMP_WAIT_POLICY=PASSIVE")
+            self._stage("note: this process's OpenMP threads keep OpenMP's long spin-wait "
+                        "(torch was imported before dpo_fast); next to other busy processes a "
+                        "CPU step can take several times longer. Import dpo_fast before "
+                        f"torch, or set GOMP_SPINCOUNT={_openmp.SPIN_COUNT}")
         last_logs: Dict[str, float] = {}
         window = {k: 0.0 for k in STAT_KEYS}
         window_steps, window_time = 0, 0.0
