@@ -1,7 +1,7 @@
 """The OpenMP wait policy dpo_fast sets on import (dpo_fast/_openmp.py), read back from the
-OpenMP runtime itself: libgomp's OMP_DISPLAY_ENV=VERBOSE prints the spin count it uses (dpo_fast's
-short spin, or 300000 for libgomp's default). In child processes, since the
-runtime reads its settings once, when torch loads it."""
+OpenMP runtime itself: libgomp's OMP_DISPLAY_ENV=VERBOSE prints the spin count it uses
+(dpo_fast's short spin, or 300000 for libgomp's default). In child processes, since the runtime
+reads its settings once, when torch loads it."""
 
 import json
 import os
