@@ -19,11 +19,11 @@ Cases (each in its own fresh process, the neighbour started 2 s before it and st
 
     trl_default    TRL ``DPOTrainer`` as its users run it (live reference, gradient
                    checkpointing), torch imported as usual
-    dpo_fast       dpo_fast's trainer as the ``dpo-fast`` command runs it: dpo_fast imported
-                   before torch, so its idle OpenMP threads spin briefly, then block
-                   (``dpo_fast/_openmp.py``)
-    dpo_fast_spin  the same trainer in a process that imported torch first: OpenMP's long
-                   default spin, i.e. dpo_fast before that change
+    dpo_fast        dpo_fast's trainer with its defaults: OpenMP's default spin, and its
+                    threads lowered while other processes use the cores
+                    (``adaptive_threads``, ``dpo_fast/_openmp.py``)
+    dpo_fast_fixed  the same trainer with ``adaptive_threads=false``: the thread count fixed,
+                    i.e. dpo_fast before the governor (the idle baseline)
 
 Per case: the median step time over steps ``--warmup``+1..S, tokens/s over those steps, and
 the slowdown = median step next to the neighbour / median step alone. The neighbour reports
@@ -50,9 +50,9 @@ from typing import Any, Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 NEIGHBOURS = ("none", "busy", "matmul1", "torch2", "torch2_short", "pinned")
-CASES = ("trl_default", "dpo_fast", "dpo_fast_spin")
+CASES = ("trl_default", "dpo_fast", "dpo_fast_fixed")
 LABELS = {"trl_default": "TRL default", "dpo_fast": "dpo_fast",
-          "dpo_fast_spin": "dpo_fast, torch imported first (OpenMP's long spin)"}
+          "dpo_fast_fixed": "dpo_fast, threads fixed (adaptive_threads=false)"}
 NEIGHBOUR_LABELS = {
     "none": "none (alone)", "busy": "1-thread Python busy loop",
     "matmul1": "1-thread torch matmul loop", "torch2": "2-thread torch matmul loop",
@@ -110,12 +110,7 @@ def stop_neighbour(proc) -> float:
 
 
 def worker(args) -> None:
-    """One case in this fresh process: import order first (it decides the OpenMP wait
-    policy), then the training benchmark's worker."""
-    if args.case == "dpo_fast":
-        import dpo_fast  # noqa: F401  (before torch, as the dpo-fast command does)
-    else:
-        import torch  # noqa: F401  (first, as a script that imports torch first)
+    """One case in this fresh process: the training benchmark's worker."""
     sys.path.insert(0, str(HERE))
     import bench_train
     import harness
@@ -129,7 +124,8 @@ def worker(args) -> None:
         variant="short", steps=args.steps, max_length=128, batch_size=4, lr=5e-6,
         seed=42, threads=args.threads, device="cpu", precision="fp32", arch=None,
         synthetic=0, prompt_share=0.5, case="trl_default" if args.case == "trl_default"
-        else "dpo_fast", ref_cache=args.ref_cache, workdir=args.workdir)
+        else "dpo_fast", ref_cache=args.ref_cache, workdir=args.workdir,
+        adaptive_threads=args.case != "dpo_fast_fixed")
     model_dir = bench_train._model_dir(wargs, Path(args.workdir))
     fn = bench_train.WORKERS[wargs.case]
     rec = fn(wargs, model_dir)
@@ -184,7 +180,8 @@ def summarize(runs: List[Dict[str, Any]], warmup: int) -> Dict[str, Any]:
     rates = [r["neighbour_rate"] for r in runs]
     return {"median_step_s": statistics.median(t), "tokens_per_s": sum(k) / sum(t),
             "max_step_s": max(t), "neighbour_rate": statistics.mean(rates),
-            "runs": len(runs), "losses": runs[0]["losses"], "openmp": runs[0].get("openmp")}
+            "runs": len(runs), "losses": runs[0]["losses"], "openmp": runs[0].get("openmp"),
+            "cpu_threads": [r.get("cpu_threads") for r in runs]}
 
 
 def report(res: Dict[str, Dict[str, Any]], args, info: Dict[str, str]) -> Tuple[str, List[str]]:
@@ -202,7 +199,8 @@ def report(res: Dict[str, Dict[str, Any]], args, info: Dict[str, str]) -> Tuple[
             rows.append([NEIGHBOUR_LABELS[n], LABELS[c], f"{s['median_step_s']:.2f}",
                          f"{s['max_step_s']:.2f}", f"{s['tokens_per_s']:.0f}",
                          f"{slow:.2f}x", f"{vs:.2f}x",
-                         "—" if rate != rate else f"{rate:,.0f}/s"])
+                         "—" if rate != rate else f"{rate:,.0f}/s",
+                         "; ".join(x for x in s.get("cpu_threads") or [] if x) or "—"])
         f, t = res[n].get("dpo_fast"), res[n].get("trl_default")
         if f and t and n != "none" and "dpo_fast" in base and "trl_default" in base:
             sf = f["median_step_s"] / base["dpo_fast"]
@@ -212,11 +210,12 @@ def report(res: Dict[str, Dict[str, Any]], args, info: Dict[str, str]) -> Tuple[
                            f"({'met' if sf <= st else 'NOT met'}: no worse than TRL's); "
                            f"tokens/s {r:.2f}x TRL's ({'met' if r >= 2.0 else 'NOT met'}: "
                            ">= 2x)")
-    if "dpo_fast" in base and "dpo_fast_spin" in base:
-        r = base["dpo_fast"] / base["dpo_fast_spin"]
+    if "dpo_fast" in base and "dpo_fast_fixed" in base:
+        r = base["dpo_fast"] / base["dpo_fast_fixed"]
         targets.append(f"alone: dpo_fast's median step {base['dpo_fast']:.2f} s vs "
-                       f"{base['dpo_fast_spin']:.2f} s with OpenMP's long spin ({r:.2f}x: "
-                       f"{'met' if r <= 1.0 else 'NOT met'}: no slower than before)")
+                       f"{base['dpo_fast_fixed']:.2f} s with its threads fixed ({r:.2f}x: "
+                       f"{'met' if r <= 1.0 else 'NOT met'}: no slower than before; threads "
+                       f"alone: {', '.join(res['none']['dpo_fast']['cpu_threads'])})")
     md = (f"# Training next to other processes ({info['date']})\n\n"
           f"{info['host_cpu']}, {os.cpu_count()} cores, {args.threads} threads per trainer, "
           f"torch {info['torch']}; SmolLM2-135M-Instruct fp32, 4 pairs per step, max_length "
@@ -226,7 +225,8 @@ def report(res: Dict[str, Dict[str, Any]], args, info: Dict[str, str]) -> Tuple[
           "neighbour / median step alone (same case); neighbour work = its loop iterations "
           "per second while that case ran.\n\n"
           "| neighbour | trainer | median step s | slowest step s | tokens/s | slowdown | "
-          "tokens/s vs TRL | neighbour work |\n|---|---|---|---|---|---|---|---|\n"
+          "tokens/s vs TRL | neighbour work | dpo_fast's CPU threads |\n"
+          "|---|---|---|---|---|---|---|---|---|\n"
           + "".join("| " + " | ".join(r) + " |\n" for r in rows)
           + "\n" + "".join(f"- {t}\n" for t in targets))
     return md, targets

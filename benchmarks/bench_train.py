@@ -338,14 +338,16 @@ def worker_dpo_fast(args, model_dir: str) -> Dict[str, Any]:
     rec = trl_parity.run_dpo_fast(model_dir, _all_rows(args, model_dir), **_settings(args),
                                   gradient_checkpointing=args.case == "dpo_fast_ckpt",
                                   ref_cache_dir=args.ref_cache, device=args.device,
-                                  precision=args.precision)
+                                  precision=args.precision,
+                                  adaptive_threads=getattr(args, "adaptive_threads", True))
     if rec["ids"] != order.ids:
         raise RuntimeError("dpo_fast trained on other pairs than the planned visit order")
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
                    "times": [s["time_s"] for s in rec["steps"]],
                    "tokens": [s["tokens"] for s in rec["steps"]],
                    "peak_rss_mb": rec["peak_rss_mb"], "device_peak_mb": rec.get("peak_gpu_mb"),
-                   "precompute_s": rec["precompute_s"], "attention": rec["attention"]})
+                   "precompute_s": rec["precompute_s"], "attention": rec["attention"],
+                   "cpu_threads": rec.get("cpu_threads")})
 
 
 def worker_dpo_fast_precompute(args, model_dir: str) -> Dict[str, Any]:

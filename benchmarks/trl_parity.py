@@ -393,7 +393,8 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
                  max_length: Optional[int], seed: int, gradient_checkpointing: bool = False,
                  callbacks: Sequence[Any] = (), output_dir: Optional[str] = None,
                  data_cache_dir: str = "", ref_cache_dir: Optional[str] = None,
-                 device: str = "cpu", precision: str = "fp32") -> Dict[str, Any]:
+                 device: str = "cpu", precision: str = "fp32",
+                 adaptive_threads: bool = True) -> Dict[str, Any]:
     """Runs :class:`dpo_fast.train.Trainer` on all of ``rows`` for ``steps`` steps with the
     settings :func:`run_trl` gives TRL; its own order decides which pairs are visited.
 
@@ -403,6 +404,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
     indices each ``_train_step`` received) and ``row_index`` (their input rows, flattened).
     ``ref_cache_dir`` (default: a fresh one in the output folder) lets a later run reuse the
     cache; ``device`` / ``precision`` as in :func:`run_trl` (``peak_gpu_mb`` on CUDA).
+    ``adaptive_threads``: TrainConfig's (``cpu_threads`` in the record says what it did).
     """
     from dpo_fast.train import Trainer, TrainerCallback
 
@@ -446,9 +448,11 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
             ref_cache_dir=ref_cache_dir or str(out / "ref_cache"),
             steps=steps, batch_size=batch_size, lr=lr, beta=beta, loss_type=loss_type,
             max_length=max_length, seed=seed, data_cache_dir=data_cache_dir,
-            gradient_checkpointing=gradient_checkpointing, device=device, precision=precision)
+            gradient_checkpointing=gradient_checkpointing, device=device, precision=precision,
+            adaptive_threads=adaptive_threads)
         trainer = Recording(cfg, callbacks=[Clock(), *callbacks])
         res = trainer.train()
+        rec["cpu_threads"] = res.cpu_threads
         logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
                 if ln.strip()]
         examples = trainer.train_data.examples

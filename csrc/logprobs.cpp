@@ -13,8 +13,8 @@
 //             formed by the caller; keeping the two parts exact is what the backward needs).
 //   backward: dW tiles belong to one group (written in place, K = T per chunk); dh is summed
 //             over groups from per-group [TB, D] partials in a fixed order.
-// Every reduction order depends only on the shapes and the thread count: bitwise
-// deterministic run to run. Extra memory: the [TB, D] partials and tiles, never [N, V]; TB keeps
+// Every reduction order depends only on the shapes and the group count (the thread count
+// unless pinned, see plan_groups): bitwise deterministic run to run. Extra memory: the [TB, D] partials and tiles, never [N, V]; TB keeps
 // it near 1.2% of the [N, V] fp32 logits (fp16/bf16 may use a single block instead, see below).
 // need_dh / need_dw = false (a frozen input) skip that gradient's GEMM and buffers.
 //
@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -72,6 +73,19 @@ struct VocabPlan {
   int64_t tile_begin(int g) const { return g * ntiles / groups; }
   int64_t tile_end(int g) const { return (g + 1) * ntiles / groups; }
 };
+
+// Vocabulary groups of the tile plan: pinned by set_vocab_groups, else the thread count. A
+// pinned count keeps every tile and reduction order (so the results, bit for bit) the same when
+// the thread count changes; the parallel regions then run min(groups, threads) threads, each
+// walking groups g = tid, tid + nth, ...
+std::atomic<int> g_pinned_groups{0};
+
+int plan_groups() {
+  const int g = g_pinned_groups.load();
+  return g > 0 ? g : std::max(1, at::get_num_threads());
+}
+
+int team_size(int groups) { return std::max(1, std::min(groups, at::get_num_threads())); }
 
 VocabPlan plan_vocab(int64_t vocab, int64_t vc_target, int groups) {
   // A multiple of `groups` tiles so that every core gets the same number of columns.
@@ -233,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
   const int64_t* tgt = targets.const_data_ptr<int64_t>();
   const bool w_f32 = weight.scalar_type() == at::kFloat;
 
-  const int groups = std::max(1, at::get_num_threads());
+  const int groups = plan_groups();
   const TileSizes& ts = tile_sizes();
   const int64_t chunk = ts.tokens;
   const VocabPlan vp = plan_vocab(vocab, ts.vocab, groups);
@@ -262,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
     const float* hb = direct ? hidden.const_data_ptr<float>() + b0 * d : hbuf.data_ptr<float>();
     std::fill(st_m, st_m + groups * tb, kNegInf);
     std::fill(st_s, st_s + 2 * groups * tb, 0.0f);
-#pragma omp parallel num_threads(groups)
+#pragma omp parallel num_threads(team_size(groups))
     {
       at::AutoDispatchBelowADInplaceOrView no_autograd;
       if (!direct) gather_rows(hbuf.data_ptr<float>(), hidden, rows.data(), b0, b0 + nb);
@@ -430,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
   float* db_p = bias ? db32.data_ptr<float>() : nullptr;
   const bool w_f32 = weight.scalar_type() == at::kFloat;
 
-  const int groups = std::max(1, at::get_num_threads());
+  const int groups = plan_groups();
   const TileSizes& ts = tile_sizes();
   const int64_t chunk = ts.tokens;
   const VocabPlan vp = plan_vocab(vocab, ts.vocab, groups);
@@ -462,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
   for (int64_t b0 = 0; b0 < nv; b0 += tb) {
     const int64_t nb = std::min(tb, nv - b0);
     const float* hb = direct ? hidden.const_data_ptr<float>() + b0 * d : hbuf.data_ptr<float>();
-#pragma omp parallel num_threads(groups)
+#pragma omp parallel num_threads(team_size(groups))
     {
       at::AutoDispatchBelowADInplaceOrView no_autograd;
       if (!direct) gather_rows(hbuf.data_ptr<float>(), hidden, rows.data(), b0, b0 + nb);
@@ -606,10 +620,10 @@ void chunk_bwd(const at::Tensor& hidden, const at::Tensor& weight,
 }
 
 // What a store of `budget_floats` floats keeps for an [n_rows] chunk at vocabulary size
-// `vocab` with the current thread count: [floats used, logit columns kept, floats that would
+// `vocab` with the current plan_groups(): [floats used, logit columns kept, floats that would
 // keep every column]. The chunk ops use exactly the first "floats used" of a larger buffer.
 std::vector<int64_t> store_plan(int64_t n_rows, int64_t vocab, int64_t budget_floats) {
-  const VocabPlan vp = plan_vocab(vocab, tile_sizes().vocab, std::max(1, at::get_num_threads()));
+  const VocabPlan vp = plan_vocab(vocab, tile_sizes().vocab, plan_groups());
   const int64_t per_tile = std::max<int64_t>(n_rows, 1) * vp.vc;
   const int64_t per_group =
       std::min(max_group_tiles(vp), std::max<int64_t>(budget_floats, 0) / (vp.groups * per_tile));
@@ -618,6 +632,14 @@ std::vector<int64_t> store_plan(int64_t n_rows, int64_t vocab, int64_t budget_fl
     for (int64_t j = vp.tile_begin(g); j < std::min(vp.tile_end(g), vp.tile_begin(g) + per_group); ++j)
       cols += std::min(vp.vc, vocab - j * vp.vc);
   return {per_group * vp.groups * per_tile, cols, max_group_tiles(vp) * vp.groups * per_tile};
+}
+
+// Pins the tile plan's vocabulary groups (0: follow the thread count, the default); returns the
+// previous setting.
+int64_t set_vocab_groups(int64_t groups) {
+  TORCH_CHECK(groups >= 0 && groups <= 4096, "dpo_fast_cpu: set_vocab_groups needs 0..4096, got ",
+              groups);
+  return g_pinned_groups.exchange(int(groups));
 }
 
 TORCH_LIBRARY(dpo_fast_cpu, m) {
@@ -637,6 +659,7 @@ TORCH_LIBRARY(dpo_fast_cpu, m) {
       "Tensor log_sum, Tensor grad_logp, int ignore_index, float? softcap, float inv_temperature, "
       "Tensor store, Tensor(a!)? dh, Tensor(b!)? dw, Tensor(c!)? db, bool overwrite) -> ()");
   m.def("store_plan(int n_rows, int vocab, int budget_floats) -> int[]", &store_plan);
+  m.def("set_vocab_groups(int groups) -> int", &set_vocab_groups);
 }
 
 TORCH_LIBRARY_IMPL(dpo_fast_cpu, CPU, m) {

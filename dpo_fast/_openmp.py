@@ -1,80 +1,221 @@
-"""How this process's OpenMP threads wait between parallel regions; set before torch loads.
+"""CPU threads that give the cores back when other processes need them.
 
 torch's CPU ops, MKL and dpo_fast's C++ kernel share one OpenMP (libgomp) thread pool, whose
-idle threads by default spin for ``GOMP_SPINCOUNT`` = 300,000 iterations (milliseconds) at the
-end of every parallel region before they sleep. A training step on the CPU runs thousands of
-short parallel regions (elementwise ops, small GEMMs). With another process on the same cores
-the spinning threads take the cores away from the thread that still has work, and each region
-then ends a scheduler time slice late: measured on 2 cores (SmolLM2-135M, 4 pairs, max_length
-128), the median step went from 2.17 s alone to 14.2 s next to a 2-thread torch job of short
-ops and to 29.7 s next to a 2-thread matmul loop, with torch's elementwise ops 10-14x slower
-and its GEMMs 2.8x (``benchmarks/bench_contention.py``, README "Performance").
+idle threads spin for ``GOMP_SPINCOUNT`` = 300,000 iterations (about a millisecond) at the end
+of every parallel region before they sleep. A training step on the CPU runs thousands of short
+parallel regions. Alone, the spin is what makes them fast: a thread that spins picks up the
+next region at once. Next to another process on the same cores, the spinning threads take the
+cores away from the thread that still has work, and each region then ends a scheduler time
+slice late. Measured on 2 cores (SmolLM2-135M, 4 pairs, max_length 128, 2 threads), the
+median step went from 1.41 s alone to 21.5 s next to a 2-thread torch matmul loop, with
+torch's elementwise ops 10-14x slower and its GEMMs 2.8x (``benchmarks/bench_contention.py``).
 
-Threads that block at once (``OMP_WAIT_POLICY=PASSIVE``) give the cores back, but waking a
-blocked thread takes longer than finding a spinning one: alone, steps about 1.2x slower. A
-short spin keeps most of both: a thread that waits spins :data:`SPIN_COUNT` iterations (tens
-of microseconds) and then blocks. Measured on 2 cores (2026-12-03, 8-10-step runs
-interleaved, median steps): alone, a spin of 3,000 was 1.02-1.07x the default's step (1.11x
-in the committed table), 1,000 about 1.1x, passive about 1.2x, 10,000 and 30,000 within the
-noise of the default; next to a 2-thread torch matmul loop 3.0-3.1 s with 3,000 against
-21.5 s with the default, 3.6 s with 10,000, 5.2 s with 30,000 and 2.5-2.7 s passive.
+A shorter spin cannot have both. Idle threads that block at once (``OMP_WAIT_POLICY=PASSIVE``)
+or after a short spin give the cores back, but waking a blocked thread costs more than finding
+a spinning one: alone, steps were about 1.2x slower passive and 1.02-1.11x with a 3,000-spin.
+libgomp also reads these settings once, when it loads, so they cannot follow the machine.
 
-libgomp reads its settings once, when it is loaded (with torch), and offers no call to change
-them later, so :func:`configure` runs when ``dpo_fast`` is imported: if no OpenMP runtime is
-loaded yet and the user set neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``, it sets
-``GOMP_SPINCOUNT``. Other OpenMP runtimes (LLVM's libomp, which torch's macOS wheels load)
-ignore that variable and keep their defaults. The ``dpo-fast`` command always imports dpo_fast
-first; a script that imports torch first keeps the long default spin (:func:`wait_policy` says
-so, ``dpo-fast info`` and the trainer report it). Results do not change: the setting decides
-only how idle threads wait.
+The thread count can. :class:`ThreadGovernor` keeps OpenMP's defaults and watches how much of
+this process's cores other processes use (``/proc/stat`` of the CPUs in this process's
+affinity, minus this process's own time from ``/proc/self/stat``), at most every
+:data:`WINDOW_S` seconds, from the trainer's micro-batch loop and reference pass. When they
+need more than the cores this process leaves free, it lowers torch's intra-op threads to what
+is left (one thread on 2 cores: a one-thread team has no barrier to spin at); when they are
+gone again for :data:`QUIET_WINDOWS` windows in a row, it raises them back. Alone, nothing
+changes, so the idle speed is OpenMP's. While the threads are lowered, the C++ head kernel's
+vocabulary split stays the one it had (``logprobs_cpu.pin_vocab_groups``), so its results do
+not change; torch's own backward kernels reduce in a thread-count-dependent order, so
+gradients can differ in the last bits from a run that kept its threads
+(``adaptive_threads=false`` keeps them fixed, for bit-for-bit reproducible runs on a shared
+machine). Linux only (``/proc``); elsewhere the thread count stays fixed.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import sys
+import time
+from typing import List, Optional, Tuple
 
-SPIN_COUNT = 3000
-"""Iterations an idle libgomp thread spins before it blocks (libgomp's default: 300,000)."""
+WINDOW_S = 0.5
+"""Shortest window over which other processes' CPU use is measured (seconds)."""
+BUSY_MARGIN = 0.25
+"""Threads drop to ``floor(free + BUSY_MARGIN)``, with free = this process's cores minus what
+other processes used (in cores): on 2 cores, to one thread once others use more than 0.25."""
+QUIET_MARGIN = 0.15
+"""Threads rise to ``floor(free + QUIET_MARGIN)`` (at most the starting count) after
+:data:`QUIET_WINDOWS` windows in a row ask for more; the gap to :data:`BUSY_MARGIN` keeps a
+neighbour on the threshold from flipping the count every window."""
+QUIET_WINDOWS = 2
 
-_RUNTIMES = ("libgomp", "libiomp", "libomp")
-_state: str = "not configured"
-
-
-def _runtime_loaded() -> bool:
-    """Whether an OpenMP runtime is already mapped into this process."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            return any(name in line for line in f for name in _RUNTIMES)
-    except OSError:  # no /proc (macOS, Windows): torch is what loads the runtime
-        return "torch" in sys.modules
-
-
-def configure() -> str:
-    """Sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` when that can still take effect and the
-    user chose no wait policy; returns (and remembers) a one-line description of the policy in
-    effect."""
-    global _state
-    user = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
-    if user:
-        _state = ", ".join(f"{k}={v}" for k, v in user.items()) + " (from the environment)"
-    elif _runtime_loaded():
-        _state = ("long spin (OpenMP's default: torch was loaded before dpo_fast; import "
-                  f"dpo_fast first or set GOMP_SPINCOUNT={SPIN_COUNT}, which keeps CPU "
-                  "training fast next to other processes)")
-    else:
-        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-        _state = (f"short spin (GOMP_SPINCOUNT={SPIN_COUNT} set by dpo_fast: idle threads "
-                  "spin briefly, then block)")
-    return _state
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def wait_policy() -> str:
-    """The description :func:`configure` returned when dpo_fast was imported."""
-    return _state
+    """One line on how this process's OpenMP threads wait between parallel regions."""
+    user = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    if user:
+        return ", ".join(f"{k}={v}" for k, v in user.items()) + " (from the environment)"
+    return ("OpenMP's default spin; on the CPU the trainer lowers its threads while other "
+            "processes use these cores (adaptive_threads)")
 
 
-def spinning() -> bool:
-    """True when the OpenMP threads of this process keep OpenMP's long default spin (torch
-    loaded before dpo_fast and no policy chosen)."""
-    return _state.startswith("long spin")
+def _cpus() -> List[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _busy_ticks(cpus: List[int]) -> Optional[int]:
+    """Non-idle ticks (user, nice, system, irq, softirq) of ``cpus`` since boot, from
+    ``/proc/stat``; None without it. Steal and guest time are not counted (guest time is
+    already in user)."""
+    want = {f"cpu{c}" for c in cpus}
+    total, seen = 0, 0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if not line.startswith("cpu"):
+                    break
+                parts = line.split()
+                if parts[0] in want:
+                    v = [int(x) for x in parts[1:8]]
+                    total += v[0] + v[1] + v[2] + v[5] + v[6]
+                    seen += 1
+    except (OSError, ValueError, IndexError):
+        return None
+    return total if seen == len(want) else None
+
+
+def _self_ticks() -> Optional[int]:
+    """This process's user + system ticks (all its threads), from ``/proc/self/stat``."""
+    try:
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _sample(cpus: List[int]) -> Optional[Tuple[float, int, int]]:
+    busy, own = _busy_ticks(cpus), _self_ticks()
+    if busy is None or own is None:
+        return None
+    return time.monotonic(), busy, own
+
+
+def _other_cores(a: Tuple[float, int, int], b: Tuple[float, int, int]) -> float:
+    """Other processes' CPU use between samples ``a`` and ``b`` of :func:`_sample`, in cores:
+    the CPUs' busy time minus this process's own, over the elapsed time."""
+    dt = b[0] - a[0]
+    if dt <= 0:
+        return 0.0
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / _HZ / dt)
+
+
+class ThreadGovernor:
+    """Lowers torch's intra-op threads while other processes use this process's cores and
+    raises them back when they stop (see the module docstring).
+
+    Create it in the thread that runs the training (torch's thread count is per thread), call
+    :meth:`poll` between pieces of work (cheap: it samples at most every ``window_s``), and
+    :meth:`close` at the end, which restores the starting count.
+
+    Attributes:
+        full: torch's thread count when the governor started (the most it raises to).
+        threads: the count now.
+        enabled: False when there is nothing to govern (one thread, no ``/proc``), it was
+            created with ``enabled=False``, or it was closed.
+        governed: :attr:`enabled` as it started.
+        others: other processes' CPU use in the last window, in cores.
+        switches: how many times the count changed.
+        low_seconds: seconds spent below :attr:`full` so far.
+    """
+
+    def __init__(self, enabled: bool = True, window_s: float = WINDOW_S):
+        import torch
+
+        self.full = torch.get_num_threads()
+        self.threads = self.full
+        self.cpus = _cpus()
+        self.window_s = float(window_s)
+        self.others = 0.0
+        self.switches = 0
+        self.low_seconds = 0.0
+        self._quiet = 0
+        self._low_since: Optional[float] = None
+        self._last = _sample(self.cpus) if enabled and self.full > 1 else None
+        self.enabled = self._last is not None
+        self.governed = self.enabled
+        self._pinned_before = 0
+        if self.enabled:
+            from .kernels import logprobs_cpu
+
+            self._pinned_before = logprobs_cpu.pin_vocab_groups(self.full)
+
+    def poll(self) -> Optional[Tuple[int, int]]:
+        """Measures other processes' CPU use if a window has passed and sets the thread count
+        from it; returns (old, new) when the count changed, else None."""
+        if not self.enabled:
+            return None
+        now = time.monotonic()
+        if now - self._last[0] < self.window_s:
+            return None
+        s = _sample(self.cpus)
+        if s is None:
+            return None
+        self.others = _other_cores(self._last, s)
+        self._last = s
+        return self._decide(self.others)
+
+    def _decide(self, others: float) -> Optional[Tuple[int, int]]:
+        free = len(self.cpus) - others
+        down = max(1, min(self.full, math.floor(free + BUSY_MARGIN)))
+        up = max(1, min(self.full, math.floor(free + QUIET_MARGIN)))
+        new = self.threads
+        if down < self.threads:
+            new, self._quiet = down, 0
+        elif up > self.threads:
+            self._quiet += 1
+            if self._quiet >= QUIET_WINDOWS:
+                new, self._quiet = up, 0
+        else:
+            self._quiet = 0
+        if new == self.threads:
+            return None
+        return self._set(new)
+
+    def _set(self, n: int) -> Tuple[int, int]:
+        import torch
+
+        old, now = self.threads, time.monotonic()
+        torch.set_num_threads(n)
+        self.threads = n
+        self.switches += 1
+        if n < self.full and self._low_since is None:
+            self._low_since = now
+        elif n == self.full and self._low_since is not None:
+            self.low_seconds += now - self._low_since
+            self._low_since = None
+        return old, n
+
+    def close(self) -> None:
+        """Restores the starting thread count and the kernel's default vocabulary split."""
+        if not self.enabled:
+            return
+        if self.threads != self.full:
+            self._set(self.full)
+        from .kernels import logprobs_cpu
+
+        logprobs_cpu.pin_vocab_groups(self._pinned_before)
+        self.enabled = False
+
+    def summary(self) -> str:
+        """One line for the run report."""
+        if self.switches == 0:
+            n = f"{self.full} thread{'s' if self.full != 1 else ''}"
+            return n + (" throughout" if self.governed else " (fixed)")
+        low = self.low_seconds + (time.monotonic() - self._low_since
+                                  if self._low_since is not None else 0.0)
+        return (f"{self.full} threads, fewer for {low:.0f} s while other processes used "
+                f"these cores ({self.switches} change{'s' if self.switches != 1 else ''})")

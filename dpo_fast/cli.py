@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
+from . import _openmp
 from .refcache import BuildProgress
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -396,18 +397,25 @@ def _precompute(args: argparse.Namespace, err: TextIO, state: Dict[str, Any]) ->
         bar = ProgressBar(err, total=unique) if not args.no_progress else None
         state.update(out=out, total=unique, bar=bar)
 
+        # Fewer threads while other processes use the cores (dpo_fast/_openmp.py).
+        threads = _openmp.ThreadGovernor(enabled=torch.device(device).type == "cpu")
+
         def progress(p: BuildProgress) -> None:
             state["last"] = p
+            threads.poll()
             if bar is not None:
                 bar(p)
 
-        cache = RefLogProbCache.ensure(
-            model, examples, out, fingerprint=fp, batch_tokens=args.batch_tokens,
-            per_token=args.per_token, rows_per_shard=args.rows_per_shard, progress=progress,
-            overwrite=args.overwrite, checkpoint_seconds=args.checkpoint_seconds,
-            lock_timeout=lock_timeout, on_lock_wait=waiting,
-            compact=True if args.compact else "auto", repair=args.repair,
-            allow_empty=args.allow_empty)
+        try:
+            cache = RefLogProbCache.ensure(
+                model, examples, out, fingerprint=fp, batch_tokens=args.batch_tokens,
+                per_token=args.per_token, rows_per_shard=args.rows_per_shard,
+                progress=progress, overwrite=args.overwrite,
+                checkpoint_seconds=args.checkpoint_seconds, lock_timeout=lock_timeout,
+                on_lock_wait=waiting, compact=True if args.compact else "auto",
+                repair=args.repair, allow_empty=args.allow_empty)
+        finally:
+            threads.close()
     p = cache.last_build
     rate = p.tokens_computed / p.elapsed_s if p.elapsed_s > 0 else 0.0
     summary = (f"dpo-fast precompute: {unique} examples ({p.rows_computed} computed, "

@@ -244,6 +244,8 @@ def report(res, seconds: float, reference_is_policy: bool = False) -> str:
     lines = ["", f"dpo-fast train: {res.global_step} steps in {seconds / 60:.1f} min "
                  f"({res.tokens_per_second:,.0f} tokens/s training, peak memory "
                  f"{res.peak_memory_mb / 1024:.2f} GiB, attention {res.attention})"]
+    if res.cpu_threads and "fewer" in res.cpu_threads:
+        lines.append(f"  CPU threads: {res.cpu_threads}")
     if res.interrupted:
         lines.append(f"  interrupted: checkpoint {res.checkpoint}; resume with "
                      "resume_from_checkpoint=true")

@@ -333,6 +333,36 @@ def _value_offset(shard: Path, name: str) -> int:
     return 8 + n + header[name]["data_offsets"][0]
 
 
+def test_threads_lowered_mid_build_still_meet_the_oracle(real, orc, tmp_path):
+    # What the thread governor (dpo_fast/_openmp.py) does when a neighbour appears during a
+    # reference pass: the threads drop to one part-way, the C++ kernel's vocabulary groups
+    # stay pinned. The rows meet the float64 oracle rule like any build (bytes can differ:
+    # measured 2026-12-03, 5 of these 6 shards came out identical to a 2-thread build, one
+    # differed in the last bits).
+    from dpo_fast.kernels import logprobs_cpu
+
+    if not logprobs_cpu.available():
+        pytest.skip("the C++ kernel is not built")
+    calls = []
+
+    def drop_after_a_few(p):
+        calls.append(torch.get_num_threads())
+        if len(calls) == 4:
+            torch.set_num_threads(1)
+
+    assert logprobs_cpu.pin_vocab_groups(THREADS) == 0
+    try:
+        cache = RefLogProbCache.build(real.model, real.examples, tmp_path / "cache",
+                                      fingerprint=real.fp, batch_tokens=BATCH_TOKENS,
+                                      rows_per_shard=ROWS_PER_SHARD, per_token=True,
+                                      progress=drop_after_a_few)
+    finally:
+        torch.set_num_threads(THREADS)
+        logprobs_cpu.pin_vocab_groups(0)
+    assert calls[:4] == [THREADS] * 4 and calls[-1] == 1 and len(calls) > 8
+    check_against_oracle(cache, real.examples, orc, per_token=True)
+
+
 def test_corrupted_or_truncated_shard_is_named(real, built, tmp_path, capsys):
     # one bit of a stored value: the lowest mantissa bit of shard 2's first chosen sum
     d = copy_dir(built.path, tmp_path / "flip")

@@ -94,6 +94,17 @@ def load_error() -> Optional[str]:
     return _state["error"]
 
 
+def pin_vocab_groups(groups: int) -> int:
+    """Pins the C++ kernel's vocabulary groups (its split of the vocabulary tiles, by default
+    one group per torch thread) to ``groups``; 0 restores the default. With the groups pinned,
+    the kernel's tile and reduction order, and so its results bit for bit, stay the same when
+    ``torch.set_num_threads`` changes: it then runs min(groups, threads) threads. Returns the
+    previous setting (0, and nothing pinned, when the kernel is not loaded)."""
+    if not _load():
+        return 0
+    return int(torch.ops.dpo_fast_cpu.set_vocab_groups(int(groups)))
+
+
 def logprobs_forward(
     hidden: Tensor,
     weight: Tensor,

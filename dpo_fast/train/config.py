@@ -47,6 +47,10 @@ class TrainConfig:
         dtype: Parameter dtype of the policy (auto = float32).
         precision: fp32, or bf16 = bf16 autocast of the body over fp32 master weights.
         device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
+        adaptive_threads: On the CPU, lower torch's threads while other processes use this
+            process's cores and raise them back when the cores are free (keeps a step fast
+            next to other jobs; alone nothing changes). Gradients can then differ in the last
+            bits from a run that kept its threads; false keeps the thread count fixed.
         attention: auto (packed if the model keeps packed sequences apart, else padded),
             packed (fail if it cannot) or padded.
         share_prompt: In packed rows with a block mask, lay each pair out as the prompt, then
@@ -153,6 +157,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
+    adaptive_threads: bool = True
     attention: Literal["auto", "packed", "padded"] = "auto"
     share_prompt: bool = True
     gradient_checkpointing: bool = False

@@ -113,6 +113,8 @@ class TrainResult:
             sampled ``before`` and ``after`` training and their scores.
         sample_score_before, sample_score_after: mean score of the samples (``sample_scorer``).
         precompute_seconds: time spent filling the reference cache in this run.
+        cpu_threads: on the CPU, the threads the run used (``adaptive_threads``: whether and
+            for how long it lowered them); None on a GPU.
     """
 
     output_dir: str
@@ -136,6 +138,7 @@ class TrainResult:
     sample_score_before: Optional[float] = None
     sample_score_after: Optional[float] = None
     precompute_seconds: float = 0.0
+    cpu_threads: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -447,6 +450,7 @@ class Trainer:
         fp = fingerprint(ref, self.tokenizer, max_length=cfg.max_length)
 
         def progress(p):
+            self._poll_threads()
             self._emit("on_ref_progress", p)
 
         cache = RefLogProbCache.ensure(ref, examples, path, fingerprint=fp,
@@ -590,6 +594,7 @@ class Trainer:
     def _run_micro(self, examples, table, idx: Sequence[int], module=None):
         """(micro-batch, loss output) of pairs ``idx``; through ``module`` (the DDP / FSDP2
         engine, or the plain :class:`PreferenceModule`) when given."""
+        self._poll_threads()
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         mb = make_micro_batch([examples[i] for i in idx], self.attention, pad or 0,
                               masks=self._masks, share_prompt=self.share_prompt)
@@ -803,6 +808,24 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """Runs the whole pipeline and returns the :class:`TrainResult`."""
+        self._threads = _openmp.ThreadGovernor(
+            enabled=self.config.adaptive_threads and self.device.type == "cpu")
+        try:
+            return self._train()
+        finally:
+            self._threads.close()
+
+    def _poll_threads(self) -> None:
+        """Lets the thread governor (``adaptive_threads``) follow other processes' CPU use;
+        says so the first time it lowers the threads."""
+        gov = getattr(self, "_threads", None)
+        changed = gov.poll() if gov is not None else None
+        if changed and changed[1] < changed[0] and gov.switches == 1:
+            self._stage(f"other processes are using {gov.others:.1f} of this process's "
+                        f"{len(gov.cpus)} cores: CPU threads {changed[0]} -> {changed[1]} "
+                        "while they do (adaptive_threads)")
+
+    def _train(self) -> TrainResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -849,11 +872,6 @@ class Trainer:
         samples_before = self._samples("before") if resumed is None else []
         self._stage(f"training: {len(self.train_data.examples)} pairs, {st.max_steps} steps of "
                     f"{cfg.batch_size} pairs, attention {self.attention}, device {self.device}")
-        if self.device.type == "cpu" and _openmp.spinning():
-            self._stage("note: this process's OpenMP threads keep OpenMP's long spin-wait "
-                        "(torch was imported before dpo_fast); next to other busy processes a "
-                        "CPU step can take several times longer. Import dpo_fast before "
-                        f"torch, or set GOMP_SPINCOUNT={_openmp.SPIN_COUNT}")
         last_logs: Dict[str, float] = {}
         window = {k: 0.0 for k in STAT_KEYS}
         window_steps, window_time = 0, 0.0
@@ -964,7 +982,8 @@ class Trainer:
             train_seconds=st.train_seconds,
             checkpoint=None if last_ckpt is None else str(last_ckpt), samples=samples,
             sample_score_before=sb, sample_score_after=sa,
-            precompute_seconds=self.precompute_seconds)
+            precompute_seconds=self.precompute_seconds,
+            cpu_threads=self._threads.summary() if self.device.type == "cpu" else None)
         if self.is_main:
             atomic_write(self.output_dir / SUMMARY_FILE, json_bytes(result.to_dict()))
         self._emit("on_train_end", st, result)
