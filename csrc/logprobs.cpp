@@ -14,8 +14,9 @@
 //   backward: dW tiles belong to one group (written in place, K = T per chunk); dh is summed
 //             over groups from per-group [TB, D] partials in a fixed order.
 // Every reduction order depends only on the shapes and the group count (the thread count
-// unless pinned, see plan_groups): bitwise deterministic run to run. Extra memory: the [TB, D] partials and tiles, never [N, V]; TB keeps
-// it near 1.2% of the [N, V] fp32 logits (fp16/bf16 may use a single block instead, see below).
+// unless pinned, see plan_groups): bitwise deterministic run to run. Extra memory: the [TB, D]
+// partials and tiles, never [N, V]; TB keeps it near 1.2% of the [N, V] fp32 logits (fp16/bf16
+// may use a single block instead, see below).
 // need_dh / need_dw = false (a frozen input) skip that gradient's GEMM and buffers.
 //
 // The chunk ops (chunk_fwd / chunk_bwd / store_plan, driven by dpo_fast/kernels/dpo_scratch.py

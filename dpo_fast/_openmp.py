@@ -1,7 +1,7 @@
 """CPU threads that give the cores back when other processes need them.
 
 torch's CPU ops, MKL and dpo_fast's C++ kernel share one OpenMP (libgomp) thread pool, whose
-idle threads spin for ``GOMP_SPINCOUNT`` = 300,000 iterations (about a millisecond) at the end
+idle threads spin for ``GOMP_SPINCOUNT`` = 300,000 iterations (milliseconds) at the end
 of every parallel region before they sleep. A training step on the CPU runs thousands of short
 parallel regions. Alone, the spin is what makes them fast: a thread that spins picks up the
 next region at once. Next to another process on the same cores, the spinning threads take the
