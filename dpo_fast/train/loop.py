@@ -334,6 +334,7 @@ class Trainer:
         self._ref_eval: Optional[np.ndarray] = None
         self.precompute_seconds = 0.0
         self._sample_prompts: List[np.ndarray] = []
+        self._threads: Optional[_openmp.ThreadGovernor] = None  # set by train()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -818,7 +819,7 @@ class Trainer:
     def _poll_threads(self) -> None:
         """Lets the thread governor (``adaptive_threads``) follow other processes' CPU use;
         says so the first time it lowers the threads."""
-        gov = getattr(self, "_threads", None)
+        gov = self._threads
         changed = gov.poll() if gov is not None else None
         if changed and changed[1] < changed[0] and gov.switches == 1:
             self._stage(f"other processes are using {gov.others:.1f} of this process's "
