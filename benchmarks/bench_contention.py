@@ -21,7 +21,7 @@ Cases (each in its own fresh process, the neighbour started 2 s before it and st
                    checkpointing), torch imported as usual
     dpo_fast        dpo_fast's trainer with its defaults: OpenMP's default spin, and its
                     threads lowered while other processes use the cores
-                    (``adaptive_threads``, ``dpo_fast/_openmp.py``)
+                    (``adaptive_threads``, ``dpo_fast/threads.py``)
     dpo_fast_fixed  the same trainer with ``adaptive_threads=false``: the thread count fixed,
                     i.e. dpo_fast before the governor (the idle baseline)
 
@@ -116,7 +116,7 @@ def worker(args) -> None:
     import harness
     import torch
 
-    from dpo_fast import _openmp
+    from dpo_fast import threads
 
     torch.set_num_threads(args.threads)
     harness.disable_thp()
@@ -126,11 +126,11 @@ def worker(args) -> None:
         synthetic=0, prompt_share=0.5, case="trl_default" if args.case == "trl_default"
         else "dpo_fast", ref_cache=args.ref_cache, workdir=args.workdir,
         adaptive_threads=args.case != "dpo_fast_fixed")
-    model_dir = bench_train._model_dir(wargs, Path(args.workdir))
+    model_dir = bench_train.prepared_model_dir(wargs, Path(args.workdir))
     fn = bench_train.WORKERS[wargs.case]
     rec = fn(wargs, model_dir)
     rec.pop("ids", None)
-    rec["openmp"] = _openmp.wait_policy()
+    rec["openmp"] = threads.wait_policy()
     print(json.dumps(rec))
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_bytes(nproc: int) -> dict:
     """Per-process model-state bytes (fp32 AdamW) of each strategy for SmolLM2-135M."""
-    from dpo_fast.train.loop import resolve_model_name
+    from dpo_fast.models import resolve_model_name
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(resolve_model_name("bundled:smollm2-135m-instruct"))

@@ -59,7 +59,7 @@ def breakdown(name, n, d, v, dtype):
     res["triton_bwd"] = bench(bwd)
     # Each backward kernel alone: the other one launched on an empty problem (V or N = 0
     # would skip both), approximated by timing the whole backward with one kernel stubbed.
-    orig = lt._launch
+    orig = lt.launch
 
     def only(keep):
         def launch(kname, *a, **k):
@@ -67,11 +67,11 @@ def breakdown(name, n, d, v, dtype):
                 return orig(kname, *a, **k)
         return launch
     for k in ("bwd_dh", "bwd_dw"):
-        lt._launch = only(k)
+        lt.launch = only(k)
         try:
             res[f"triton_{k}"] = bench(bwd)
         finally:
-            lt._launch = orig
+            lt.launch = orig
 
     hh = h.clone().requires_grad_()
     ww = w.clone().requires_grad_()
@@ -126,7 +126,7 @@ def sweep(name, n, d, v, dtype, budget_s=60.0):
                                                **OPTS),
     }
     out = {}
-    orig = lt._launch
+    orig = lt.launch
     for kname, call in calls.items():
         saved = dict(lt.DEFAULT_CONFIGS[kname][key])
         other = {"bwd_dh": "bwd_dw", "bwd_dw": "bwd_dh"}.get(kname)
@@ -135,7 +135,7 @@ def sweep(name, n, d, v, dtype, budget_s=60.0):
             if kn == other:
                 return None
             return orig(kn, *a, **k)
-        lt._launch = launch
+        lt.launch = launch
         timings = []
         t0 = time.time()
         try:
@@ -149,7 +149,7 @@ def sweep(name, n, d, v, dtype, budget_s=60.0):
                     timings.append((float("inf"), dict(cfg, error=type(e).__name__)))
         finally:
             lt.DEFAULT_CONFIGS[kname][key] = saved
-            lt._launch = orig
+            lt.launch = orig
         timings.sort(key=lambda x: x[0])
         out[kname] = timings[:5]
         print(f"sweep {name} {dtype} {kname}: tried {len(timings)}; best "

@@ -126,7 +126,7 @@ def _rows(args) -> List[Dict[str, str]]:
     return rows[:max(4 * args.steps * args.batch_size, 64)]
 
 
-def _model_dir(args, tmp: Path) -> str:
+def prepared_model_dir(args, tmp: Path) -> str:
     """The SmolLM2 folder, or (``--arch``) a random model of that shape saved under ``tmp``
     with SmolLM2's tokenizer (its ids are < every listed vocabulary size)."""
     from dpo_fast.assets import smollm2_dir
@@ -265,7 +265,7 @@ def worker_plain(args, model_dir: str) -> Dict[str, Any]:
     import transformers
 
     from dpo_fast import pack_pair_batch
-    from dpo_fast.train.loop import lr_lambda
+    from dpo_fast.train.modeling import lr_lambda
 
     order = _visit(args, model_dir)
     dev = torch.device(args.device)
@@ -542,7 +542,7 @@ def plot(path: Path, results: Dict[str, Dict[str, Any]], args) -> None:
 
 
 def _variant_info(ids) -> Dict[str, float]:
-    tot = sum(trl_parity._pair_count(t) for t in ids)
+    tot = sum(trl_parity.pair_token_count(t) for t in ids)
     prompt = sum(2 * len(t[0]) for t in ids)
     return {"tokens_per_pair": tot / len(ids), "prompt_share": prompt / tot}
 
@@ -583,7 +583,7 @@ def main() -> None:
         harness.disable_thp()
         _track_hwm_resets()
         args.variant = args.variant[0]  # a worker runs one variant
-        model_dir = _model_dir(args, Path(args.workdir))
+        model_dir = prepared_model_dir(args, Path(args.workdir))
         print(json.dumps(WORKERS[args.case](args, model_dir)))
         return
     import torch
@@ -617,11 +617,11 @@ def main() -> None:
             print(f"{variant}/{case}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         import transformers
 
-        cfg = transformers.AutoConfig.from_pretrained(_model_dir(vargs, work))
+        cfg = transformers.AutoConfig.from_pretrained(prepared_model_dir(vargs, work))
         ids = res.get("trl_default", {}).get("ids") or trl_parity.visit_order(
             _rows(vargs), batch_size=args.batch_size, seed=args.seed, max_length=max_length,
-            steps=steps, model_dir=_model_dir(vargs, work)).ids
-        res["_tokens"] = [trl_parity._pair_count(t) for t in ids]
+            steps=steps, model_dir=prepared_model_dir(vargs, work)).ids
+        res["_tokens"] = [trl_parity.pair_token_count(t) for t in ids]
         res["_flops"] = model_flops(cfg, ids)
         res["_info"] = _variant_info(ids)
         mds.append(report(variant, vargs, res, peak))

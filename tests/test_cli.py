@@ -266,7 +266,8 @@ def test_readme_own_model_and_data_commands_work_as_written(tmp_path):
 
 
 def test_demo_is_the_base_only_without_a_model_or_data(tmp_path):
-    from dpo_fast.commands import UsageError, parse_train_args
+    from dpo_fast.cli import CliError
+    from dpo_fast.cli.train import parse_train_args
     from dpo_fast.train import TrainConfig
 
     demo, _, _ = parse_train_args([])
@@ -289,7 +290,7 @@ def test_demo_is_the_base_only_without_a_model_or_data(tmp_path):
                                report_to=["plots", "tensorboard"])
         assert own == defaults, argv
     # naming only one of them is an own run too: the demo does not fill in the other
-    with pytest.raises(UsageError, match="train_data is required"):
+    with pytest.raises(CliError, match="train_data is required"):
         parse_train_args(["model=m"])
-    with pytest.raises(UsageError, match="model"):
+    with pytest.raises(CliError, match="model"):
         parse_train_args([f"train_data={data}"])

@@ -12,7 +12,7 @@ import torch
 import dpo_fast
 from dpo_fast.kernels import dpo_scratch, logprobs_cpu
 from dpo_fast.ops import dpo_loss as dpo_loss_mod
-from oracle import TOL, naive_logits
+from kernel_cases import assert_rule, check_fused_loss, packed_batch, unfused
 
 HAVE_CPU = logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT") == "1"
 # "cpu" runs the C++ backend's default (the chunked scratch engine with the default budget),
@@ -20,107 +20,9 @@ HAVE_CPU = logprobs_cpu.available() or os.environ.get("DPO_FAST_REQUIRE_CPU_EXT"
 IMPLS = ["torch", "triton", "triton_fused"] + (["cpu", "cpu-flat"] if HAVE_CPU else [])
 
 
-def _packed_batch(b, d, v, *, prompt_lens, resp_lens, seed=0, dtype=torch.float32, bias=False,
-                  scale=1.0):
-    """2B sequences packed back to back; prompt positions ignored; returns dict of tensors."""
-    g = torch.Generator().manual_seed(seed)
-    seq, tgt = [], []
-    for s in range(2 * b):
-        p, r = prompt_lens[s], resp_lens[s]
-        seq += [s] * (p + r)
-        tgt += [-100] * p + torch.randint(0, v, (r,), generator=g).tolist()
-    n = len(seq)
-    return dict(
-        hidden=(torch.randn(n, d, generator=g) * scale).to(dtype),
-        weight=(torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype),
-        bias=torch.randn(v, generator=g).to(dtype) if bias else None,
-        targets=torch.tensor(tgt),
-        seq_index=torch.tensor(seq),
-        ref_logps=-torch.rand(2 * b, generator=g) * 20 - 5,
-    )
-
-
-def unfused(batch, dtype, *, loss_type="sigmoid", beta=0.1, softcap=None, temperature=1.0,
-            **kw):
-    """The reference: every step materialized, computed in ``dtype``; returns loss, grads, stats."""
-    h = batch["hidden"].detach().to(dtype).requires_grad_()
-    w = batch["weight"].detach().to(dtype).requires_grad_()
-    bias = batch["bias"]
-    bb = bias.detach().to(dtype).requires_grad_() if bias is not None else None
-    t, s = batch["targets"], batch["seq_index"]
-    z = naive_logits(h, w, bb, softcap=softcap, temperature=temperature)
-    logsm = torch.log_softmax(z, dim=-1)
-    valid = t != -100
-    tok = logsm.gather(1, t.clamp(min=0)[:, None])[:, 0] * valid
-    n_seq = batch["ref_logps"].numel()
-    b = n_seq // 2
-    seq_logps = torch.stack([tok[(s == i) & valid].sum() for i in range(n_seq)])
-    lens = torch.stack([((s == i) & valid).sum() for i in range(n_seq)])
-    ref = batch["ref_logps"].to(dtype)
-    out = dpo_fast.preference_loss(seq_logps[:b], seq_logps[b:], ref[:b], ref[b:],
-                                   loss_type=loss_type, beta=beta, chosen_lengths=lens[:b],
-                                   rejected_lengths=lens[b:], **kw)
-    out.loss.backward()
-    ent = -(logsm.exp() * logsm).sum(-1)
-    top2 = z.detach().topk(min(2, z.shape[1]), dim=1).values
-    gap = top2[:, 0] - top2[:, 1] if z.shape[1] > 1 else torch.full_like(top2[:, 0], math.inf)
-    hit = (z.detach().argmax(1) == t) & valid
-    return dict(loss=out.loss.detach(), d_hidden=h.grad, d_weight=w.grad,
-                d_bias=bb.grad if bb is not None else None, policy_logps=seq_logps.detach(),
-                lengths=lens, rewards=(out.chosen_rewards, out.rejected_rewards), ent=ent.detach(),
-                hit=hit, gap=gap, valid=valid, b=b)
-
-
 def _scratch_path(out):
     """True if the loss came from the scratch engine (grads formed in the forward)."""
     return type(out.loss.grad_fn).__name__.startswith("ScratchPreferenceLoss")
-
-
-def _assert_rule(name, got, same, truth, dtype):
-    err = (got.double() - truth.double()).abs().max().item()
-    ref = (same.double() - truth.double()).abs().max().item()
-    assert err <= ref + TOL[dtype], f"{name}: err {err:.3g} > same-dtype {ref:.3g} + {TOL[dtype]}"
-
-
-def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, device="cpu", **kw):
-    if device != "cpu":
-        batch = {k: (t.to(device) if t is not None else None) for k, t in batch.items()}
-    truth = unfused(batch, torch.float64, **kw)
-    same = unfused(batch, dtype, **kw)
-    if max_scratch_bytes is not None:
-        kw["max_scratch_bytes"] = max_scratch_bytes
-    if impl == "cpu-flat":
-        impl, kw["max_scratch_bytes"] = "cpu", None
-    h = batch["hidden"].clone().requires_grad_()
-    w = batch["weight"].clone().requires_grad_()
-    bias = batch["bias"].clone().requires_grad_() if batch["bias"] is not None else None
-    out = dpo_fast.fused_preference_loss(h, w, batch["targets"], batch["seq_index"],
-                                         batch["ref_logps"], bias=bias, impl=impl, **kw)
-    out.loss.backward()
-    _assert_rule("loss", out.loss.detach(), same["loss"], truth["loss"], dtype)
-    _assert_rule("policy_logps", out.policy_logps, same["policy_logps"], truth["policy_logps"],
-                 dtype)
-    _assert_rule("chosen_rewards", out.chosen_rewards, same["rewards"][0], truth["rewards"][0],
-                 dtype)
-    assert torch.equal(out.lengths, truth["lengths"])
-    _assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], dtype)
-    _assert_rule("d_weight", w.grad, same["d_weight"], truth["d_weight"], dtype)
-    if bias is not None:
-        _assert_rule("d_bias", bias.grad, same["d_bias"], truth["d_bias"], dtype)
-    # Metrics from the same pass: entropy means and target-is-argmax accuracy.
-    b = truth["b"]
-    seq = batch["seq_index"]
-    for part, m in (("chosen", truth["valid"] & (seq < b)), ("rejected", truth["valid"] & (seq >= b))):
-        ent_truth = truth["ent"][m].mean()
-        ent_same = same["ent"][m].mean()
-        _assert_rule(f"{part}_entropy", getattr(out, f"{part}_entropy"), ent_same, ent_truth,
-                     dtype)
-        # Near-ties (top-2 logits within 1e-4) may round either way in low precision.
-        ties = (truth["gap"][m] < 1e-4).sum().item()
-        acc_truth = truth["hit"][m].double().mean().item()
-        acc = getattr(out, f"{part}_token_accuracy").item()
-        assert abs(acc - acc_truth) <= ties / m.sum().item() + 1e-6, (part, acc, acc_truth)  # fp32 mean
-    return out
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -131,9 +33,9 @@ def _check(batch, impl, dtype=torch.float32, max_scratch_bytes=None, device="cpu
     dict(b=2, d=576, v=4099, prompt=[6, 20, 3, 9], resp=[50, 11, 70, 33]),
 ], ids=["B1", "V3-uneven", "B4", "D576"])
 def test_fused_matches_unfused_packed(impl, case):
-    batch = _packed_batch(case["b"], case["d"], case["v"], prompt_lens=case["prompt"],
-                          resp_lens=case["resp"], bias=True)
-    _check(batch, impl)
+    batch = packed_batch(case["b"], case["d"], case["v"], prompt_lens=case["prompt"],
+                         resp_lens=case["resp"], bias=True)
+    check_fused_loss(batch, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,17 +46,17 @@ def test_fused_matches_unfused_packed(impl, case):
     dict(loss_type="unlikelihood", unlikelihood_alpha=0.5),
 ], ids=["softcap", "temp", "ipo", "sigmoid+sft", "cdpo", "apo_zero", "unlikelihood"])
 def test_fused_options(impl, opts):
-    batch = _packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
-                          bias=True, scale=2.0)
-    _check(batch, impl, **opts)
+    batch = packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                         bias=True, scale=2.0)
+    check_fused_loss(batch, impl, **opts)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_half_dtypes(impl, dtype):
-    batch = _packed_batch(2, 96, 1003, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
-                          dtype=dtype)
-    _check(batch, impl, dtype=dtype)
+    batch = packed_batch(2, 96, 1003, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                         dtype=dtype)
+    check_fused_loss(batch, impl, dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpu"][: 1 + ("cpu" in IMPLS)])
@@ -181,7 +83,7 @@ def test_padded_layout_equals_packed(impl):
 
 def test_known_answer_at_init_is_ln2():
     # Reference == policy log-probs: h = 0 and the sigmoid loss is ln 2, grads -beta/2, +beta/2.
-    batch = _packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
+    batch = packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
     first = dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
                                            batch["seq_index"], batch["ref_logps"], impl="torch")
     out = dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
@@ -191,7 +93,7 @@ def test_known_answer_at_init_is_ln2():
 
 
 def test_empty_sequence_error_or_drop():
-    batch = _packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 0, 3, 5, 6, 2])
+    batch = packed_batch(3, 32, 300, prompt_lens=[2] * 6, resp_lens=[4, 0, 3, 5, 6, 2])
     args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"],
             batch["ref_logps"])
     with pytest.raises(ValueError, match=r"no response token \(first pairs \[1\]\)"):
@@ -215,7 +117,7 @@ def test_empty_sequence_error_or_drop():
     (lambda b: b.update(seq_index=b["seq_index"].float()), "seq_index must be an integer"),
 ])
 def test_bad_inputs(mutate, match):
-    batch = _packed_batch(3, 16, 50, prompt_lens=[1] * 6, resp_lens=[2] * 6)
+    batch = packed_batch(3, 16, 50, prompt_lens=[1] * 6, resp_lens=[2] * 6)
     mutate(batch)
     with pytest.raises(ValueError, match=match):
         dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
@@ -223,7 +125,7 @@ def test_bad_inputs(mutate, match):
 
 
 def test_reference_based_type_without_reference_is_refused():
-    batch = _packed_batch(1, 16, 50, prompt_lens=[1, 1], resp_lens=[2, 2])
+    batch = packed_batch(1, 16, 50, prompt_lens=[1, 1], resp_lens=[2, 2])
     with pytest.raises(ValueError, match="ref"):
         dpo_fast.fused_preference_loss(batch["hidden"], batch["weight"], batch["targets"],
                                        batch["seq_index"], None, impl="torch")
@@ -237,7 +139,7 @@ def test_reference_based_type_without_reference_is_refused():
 def test_torch_compile_matches_eager(impl):
     # One graph (fullgraph). On "cpu" eager runs the chunk engine (default scratch) and the
     # compiled graph the memory-flat custom op (what runs while compiling): the same math.
-    batch = _packed_batch(2, 32, 300, prompt_lens=[2, 3, 1, 4], resp_lens=[5, 7, 3, 6])
+    batch = packed_batch(2, 32, 300, prompt_lens=[2, 3, 1, 4], resp_lens=[5, 7, 3, 6])
 
     def f(h, w):
         out = dpo_fast.fused_preference_loss(h, w, batch["targets"], batch["seq_index"],
@@ -265,14 +167,14 @@ def test_torch_compile_matches_eager(impl):
 ], ids=["sigmoid", "softcap-temp", "ipo", "sigmoid+sft", "cdpo", "unlikelihood", "sft"])
 def test_scratch_mode_matches_unfused(budget_pairs, opts):
     resp = [9, 13, 5, 20, 7, 3, 11, 6]
-    batch = _packed_batch(4, 64, 777, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
+    batch = packed_batch(4, 64, 777, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
     budget = budget_pairs * (max(resp) * 2) * 777 * 4
-    out = _check(batch, "torch", max_scratch_bytes=budget, **opts)
+    out = check_fused_loss(batch, "torch", max_scratch_bytes=budget, **opts)
     assert _scratch_path(out)
 
 
 def test_scratch_mode_equals_memory_flat_and_falls_back():
-    batch = _packed_batch(3, 48, 500, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
+    batch = packed_batch(3, 48, 500, prompt_lens=[2] * 6, resp_lens=[4, 7, 3, 5, 6, 2])
     args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"],
             batch["ref_logps"])
     grads = []
@@ -311,11 +213,11 @@ def test_cpu_chunk_engine_matches_unfused(keep, opts, monkeypatch):
     monkeypatch.setattr(dpo_scratch, "MIN_CHUNK_ROWS", 1)
     resp = [9, 13, 5, 20, 7, 3, 11, 6]
     v = 3000  # 6 vocabulary tiles of the C++ kernel: 3 per core at 2 threads
-    batch = _packed_batch(4, 64, v, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
+    batch = packed_batch(4, 64, v, prompt_lens=[3] * 8, resp_lens=resp, bias=True, scale=2.0)
     budget = _cpu_budget(keep, 20 + 6, v)  # the largest pair: sequences 3 and 7
     _, cols, _ = dpo_scratch.cpp_store_plan(26, v, budget)
     assert {"none": cols == 0, "partial": 0 < cols < v, "all": cols == v}[keep], cols
-    out = _check(batch, "cpu", max_scratch_bytes=budget, **opts)
+    out = check_fused_loss(batch, "cpu", max_scratch_bytes=budget, **opts)
     assert _scratch_path(out)
 
 
@@ -323,16 +225,16 @@ def test_cpu_chunk_engine_matches_unfused(keep, opts, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cpu_chunk_engine_half_dtypes(dtype, monkeypatch):
     monkeypatch.setattr(dpo_scratch, "MIN_CHUNK_ROWS", 1)
-    batch = _packed_batch(2, 96, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
-                          dtype=dtype, bias=True)
-    out = _check(batch, "cpu", dtype=dtype, max_scratch_bytes=_cpu_budget("partial", 33, 3000),
-                 softcap=30.0)
+    batch = packed_batch(2, 96, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                         dtype=dtype, bias=True)
+    out = check_fused_loss(batch, "cpu", dtype=dtype,
+                           max_scratch_bytes=_cpu_budget("partial", 33, 3000), softcap=30.0)
     assert _scratch_path(out)
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="C++ extension not built")
 def test_cpu_default_budget_and_its_fallbacks(monkeypatch):
-    batch = _packed_batch(2, 32, 500, prompt_lens=[2] * 4, resp_lens=[4, 7, 3, 5])
+    batch = packed_batch(2, 32, 500, prompt_lens=[2] * 4, resp_lens=[4, 7, 3, 5])
     args = (batch["targets"], batch["seq_index"], batch["ref_logps"])
     h = batch["hidden"].clone().requires_grad_()
     auto = dpo_fast.fused_preference_loss(h, batch["weight"], *args, impl="cpu")
@@ -369,12 +271,12 @@ def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
     # the memory-flat backends need_dw=False) and d_hidden still meets the oracle.
     from dpo_fast.ops import logprobs as ops_logprobs
 
-    batch = _packed_batch(2, 64, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
-                          bias=True)
+    batch = packed_batch(2, 64, 3000, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                         bias=True)
     truth = unfused(batch, torch.float64)
     same = unfused(batch, torch.float32)
     seen = []
-    for cls in (dpo_scratch._TorchChunks, dpo_scratch._CppChunks):
+    for cls in (dpo_scratch.TorchChunks, dpo_scratch.CppChunks):
         orig_bwd = cls.backward
 
         def spy_engine(self, h, tgt, g, dh_rows, dw, db, first, _orig=orig_bwd):
@@ -382,7 +284,7 @@ def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
             return _orig(self, h, tgt, g, dh_rows, dw, db, first)
         monkeypatch.setattr(cls, "backward", spy_engine)
     name = "cpu" if impl == "cpu-flat" else impl
-    backend = ops_logprobs._backend(name)
+    backend = ops_logprobs.backend_module(name)
     orig = backend.logprobs_backward
 
     def spy(*args, **kwargs):
@@ -397,11 +299,11 @@ def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
     out.loss.backward()
     assert seen and all(skipped for _, skipped in seen), seen
     assert w.grad is None
-    _assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], torch.float32)
+    assert_rule("d_hidden", h.grad, same["d_hidden"], truth["d_hidden"], torch.float32)
 
 
 def test_torch_compile_refusals():
-    batch = _packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2] * 4)
+    batch = packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2] * 4)
     args = (batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"])
 
     def no_b(h):  # B cannot be read from the data while tracing
@@ -416,7 +318,7 @@ def test_torch_compile_refusals():
         with pytest.raises(Exception, match=match):
             torch.compile(fn, backend="aot_eager", fullgraph=True)(args[0])
     # An empty pair cannot raise the eager ValueError inside a graph: a runtime assert fires.
-    empty = _packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2, 0, 2, 2])
+    empty = packed_batch(2, 16, 50, prompt_lens=[1] * 4, resp_lens=[2, 0, 2, 2])
 
     def f(h):
         return dpo_fast.fused_preference_loss(h, empty["weight"], empty["targets"],

@@ -20,9 +20,10 @@ import torch
 
 import dpo_fast
 from dpo_fast.kernels import dpo_triton
-from test_dpo_loss import _check, _packed_batch
-from test_linear_logprobs import SHAPES, _make, _run_and_check
-from test_triton_backend import _both_paths, _dpo_f64, _seq_case
+from kernel_cases import (
+    SHAPES, both_paths, check_fused_loss, dpo_f64, make_case, packed_batch, run_and_check,
+    seq_case,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,24 +47,24 @@ GPU_SHAPES = SHAPES + [((4096,), 576, 49152), ((1024,), 4096, 128256), ((333,), 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"N{s[0]}-D{s[1]}-V{s[2]}")
 def test_logprobs_vs_oracle(impl, dtype, shape):
     lead, d, v = shape
-    hidden, weight, bias, targets = _make(lead, d, v, dtype, bias=True)
-    _run_and_check(impl, hidden, weight, bias, targets, dtype, device=DEV)
+    hidden, weight, bias, targets = make_case(lead, d, v, dtype, bias=True)
+    run_and_check(impl, hidden, weight, bias, targets, dtype, device=DEV)
 
 
 @pytest.mark.parametrize("impl,dtype", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("softcap,temperature", [(30.0, 1.0), (None, 0.7), (5.0, 1.7)])
 def test_softcap_temperature(impl, dtype, softcap, temperature):
-    hidden, weight, b, targets = _make((300,), 256, 5003, dtype, bias=True, scale=3.0)
-    _run_and_check(impl, hidden, weight, b, targets, dtype, softcap=softcap,
-                   temperature=temperature, device=DEV)
+    hidden, weight, b, targets = make_case((300,), 256, 5003, dtype, bias=True, scale=3.0)
+    run_and_check(impl, hidden, weight, b, targets, dtype, softcap=softcap,
+                  temperature=temperature, device=DEV)
 
 
 @pytest.mark.parametrize("softcap", [None, 50.0])
 def test_huge_logits(softcap):
-    hidden, weight, _, targets = _make((300,), 256, 5003, torch.float32)
+    hidden, weight, _, targets = make_case((300,), 256, 5003, torch.float32)
     hidden = hidden / hidden.norm(dim=-1, keepdim=True) * 1e4 / weight.norm(dim=-1).max()
-    _run_and_check("triton", hidden, weight, None, targets, torch.float32, softcap=softcap,
-                   device=DEV)
+    run_and_check("triton", hidden, weight, None, targets, torch.float32, softcap=softcap,
+                  device=DEV)
 
 
 def test_ignored_rows_and_many_chunks(monkeypatch):
@@ -71,15 +72,15 @@ def test_ignored_rows_and_many_chunks(monkeypatch):
     from dpo_fast.kernels import logprobs_chunked
 
     monkeypatch.setattr(logprobs_chunked, "CHUNK_BYTES_MIN", 0)
-    hidden, weight, bias, targets = _make((3000,), 512, 100003, torch.bfloat16, bias=True,
-                                          ignore_frac=0.6)
+    hidden, weight, bias, targets = make_case((3000,), 512, 100003, torch.bfloat16, bias=True,
+                                              ignore_frac=0.6)
     r = int((targets != -100).sum())
     assert 100003 / logprobs_chunked.chunk_columns(r, 100003, 2) > 50
-    _run_and_check("triton", hidden, weight, bias, targets, torch.bfloat16, device=DEV)
+    run_and_check("triton", hidden, weight, bias, targets, torch.bfloat16, device=DEV)
 
 
 def test_all_ignored():
-    hidden, weight, bias, targets = _make((2, 5), 64, 1003, torch.bfloat16, bias=True)
+    hidden, weight, bias, targets = make_case((2, 5), 64, 1003, torch.bfloat16, bias=True)
     targets[:] = -100
     h = hidden.to(DEV).requires_grad_()
     out = dpo_fast.linear_logprobs(h, weight.to(DEV), targets.to(DEV), bias=bias.to(DEV),
@@ -91,7 +92,7 @@ def test_all_ignored():
 @pytest.mark.parametrize("impl", ["triton", "triton_fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic(impl, dtype):
-    hidden, weight, bias, targets = _make((2048,), 576, 49152, dtype, bias=True)
+    hidden, weight, bias, targets = make_case((2048,), 576, 49152, dtype, bias=True)
     runs = []
     for _ in range(2):
         h = hidden.to(DEV).requires_grad_()
@@ -107,7 +108,7 @@ def test_bitwise_deterministic(impl, dtype):
 
 def test_torch_compile_inductor_matches_eager():
     # fp32, so eager and compiled differ only by inductor's own reduction order.
-    hidden, weight, _, targets = _make((4, 100), 256, 5003, torch.float32)
+    hidden, weight, _, targets = make_case((4, 100), 256, 5003, torch.float32)
     w = weight.to(DEV)
     t = targets.to(DEV)
 
@@ -135,9 +136,9 @@ def test_torch_compile_inductor_matches_eager():
     dict(b=4, d=576, v=49152, prompt=[128] * 8, resp=[384, 200, 300, 17, 250, 384, 99, 311]),
 ], ids=["B1", "V3-uneven", "D576", "smollm-sized"])
 def test_fused_loss_vs_unfused(impl, dtype, case):
-    batch = _packed_batch(case["b"], case["d"], case["v"], prompt_lens=case["prompt"],
-                          resp_lens=case["resp"], bias=True, dtype=dtype)
-    _check(batch, impl, dtype=dtype, device=DEV)
+    batch = packed_batch(case["b"], case["d"], case["v"], prompt_lens=case["prompt"],
+                         resp_lens=case["resp"], bias=True, dtype=dtype)
+    check_fused_loss(batch, impl, dtype=dtype, device=DEV)
 
 
 @pytest.mark.parametrize("opts", [
@@ -146,13 +147,13 @@ def test_fused_loss_vs_unfused(impl, dtype, case):
     dict(loss_type="sigmoid", label_smoothing=0.1), dict(loss_type="apo_zero", beta=0.5),
 ], ids=["softcap", "temp", "ipo", "sigmoid+sft", "cdpo", "apo_zero"])
 def test_fused_loss_options(opts):
-    batch = _packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
-                          bias=True, scale=2.0)
-    _check(batch, "triton", device=DEV, **opts)
+    batch = packed_batch(2, 64, 777, prompt_lens=[4, 2, 6, 1], resp_lens=[9, 13, 5, 20],
+                         bias=True, scale=2.0)
+    check_fused_loss(batch, "triton", device=DEV, **opts)
 
 
 def test_fused_loss_compiled_matches_eager():
-    batch = _packed_batch(2, 128, 3001, prompt_lens=[2, 3, 1, 4], resp_lens=[50, 70, 30, 60])
+    batch = packed_batch(2, 128, 3001, prompt_lens=[2, 3, 1, 4], resp_lens=[50, 70, 30, 60])
     batch = {k: (v.to(DEV) if v is not None else None) for k, v in batch.items()}
 
     def f(h):
@@ -172,9 +173,9 @@ def test_fused_loss_compiled_matches_eager():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_seq_grad_gather_matches_token_grad(dtype):
-    h, w, b, t, si, sg = _seq_case([130, 310, 7, 220], d=256, v=5003, dtype=dtype)
+    h, w, b, t, si, sg = seq_case([130, 310, 7, 220], d=256, v=5003, dtype=dtype)
     args = [x.to(DEV) for x in (h, w, b, t, si, sg)]
-    ref, got = _both_paths(*args, None)
+    ref, got = both_paths(*args, None)
     for x, y in zip(ref, got):
         assert torch.equal(x, y)
 
@@ -185,5 +186,5 @@ def test_dpo_sigmoid_kernel_vs_float64():
     p = -torch.rand(2 * nb, generator=g) * 300
     r = p + torch.randn(2 * nb, generator=g) * 20
     out = dpo_triton.dpo_sigmoid_loss(p.to(DEV), r.to(DEV), 0.1, 0.1)
-    for o, want in zip(out, _dpo_f64(p, r, 0.1, 0.1)):
+    for o, want in zip(out, dpo_f64(p, r, 0.1, 0.1)):
         torch.testing.assert_close(o.cpu().double(), want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""CPU threads next to other processes (dpo_fast/_openmp.py): dpo_fast leaves OpenMP's own
+"""CPU threads next to other processes (dpo_fast/threads.py): dpo_fast leaves OpenMP's own
 settings alone (read back from libgomp's OMP_DISPLAY_ENV report, in child processes, since the
 runtime reads them once, when torch loads it); the thread governor's decisions (known answers
 for given loads); its measurement of other processes' CPU use against a real neighbour; the
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_fast import _openmp
+from dpo_fast import threads
 from dpo_fast.kernels import logprobs_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +41,9 @@ def run(code, **env_extra):
 PROBE = """
     {first}
     import torch
-    from dpo_fast import _openmp
+    from dpo_fast import threads
     torch.ones(1 << 20).sum()  # a parallel region: the runtime is up
-    print(_openmp.wait_policy())
+    print(threads.wait_policy())
 """
 
 
@@ -69,7 +69,7 @@ def governor(monkeypatch, cpus, full):
     recorded instead of applied."""
     applied = []
     monkeypatch.setattr(torch, "set_num_threads", applied.append)
-    g = _openmp.ThreadGovernor(enabled=False)
+    g = threads.ThreadGovernor(enabled=False)
     g.full = g.threads = full
     g.cpus = list(range(cpus))
     return g, applied
@@ -77,33 +77,33 @@ def governor(monkeypatch, cpus, full):
 
 def test_two_cores_drop_to_one_thread_and_come_back(monkeypatch):
     g, applied = governor(monkeypatch, cpus=2, full=2)
-    assert g._decide(0.25) is None  # 2 - 0.25 + 0.25 = 2: the other use fits
-    assert g._decide(0.30) == (2, 1) and applied == [1] and g.threads == 1
+    assert g.decide(0.25) is None  # 2 - 0.25 + 0.25 = 2: the other use fits
+    assert g.decide(0.30) == (2, 1) and applied == [1] and g.threads == 1
     # Between the margins (0.15 < others <= 0.25): stays at one thread.
-    assert [g._decide(0.2) for _ in range(5)] == [None] * 5
+    assert [g.decide(0.2) for _ in range(5)] == [None] * 5
     # Quiet: back to 2 after QUIET_WINDOWS windows in a row, not before.
-    assert g._decide(0.1) is None
-    assert g._decide(0.1) == (1, 2) and applied == [1, 2]
+    assert g.decide(0.1) is None
+    assert g.decide(0.1) == (1, 2) and applied == [1, 2]
     assert g.switches == 2 and g.low_seconds >= 0.0
     # A busy window between quiet ones restarts the count.
-    g._decide(1.0)
-    assert g._decide(0.0) is None and g._decide(0.5) is None and g._decide(0.0) is None
-    assert g._decide(0.0) == (1, 2)
+    g.decide(1.0)
+    assert g.decide(0.0) is None and g.decide(0.5) is None and g.decide(0.0) is None
+    assert g.decide(0.0) == (1, 2)
 
 
 def test_many_cores_give_back_what_others_use(monkeypatch):
     g, _ = governor(monkeypatch, cpus=8, full=8)
-    assert g._decide(2.2) == (8, 6)  # floor(8 - 2.2 + 0.25) = 6
-    assert g._decide(3.0) == (6, 5)
-    assert g._decide(9.0) == (5, 1)  # never below one thread
-    g._decide(0.0)
-    assert g._decide(0.0) == (1, 8)  # never above the starting count
+    assert g.decide(2.2) == (8, 6)  # floor(8 - 2.2 + 0.25) = 6
+    assert g.decide(3.0) == (6, 5)
+    assert g.decide(9.0) == (5, 1)  # never below one thread
+    g.decide(0.0)
+    assert g.decide(0.0) == (1, 8)  # never above the starting count
     g, _ = governor(monkeypatch, cpus=8, full=4)  # 4 threads on 8 CPUs: 4 are spare
-    assert g._decide(3.9) is None and g._decide(4.5) == (4, 3)
+    assert g.decide(3.9) is None and g.decide(4.5) == (4, 3)
 
 
 def test_one_thread_or_disabled_governs_nothing():
-    g = _openmp.ThreadGovernor(enabled=False)
+    g = threads.ThreadGovernor(enabled=False)
     assert not g.enabled and g.poll() is None and g.summary().endswith("(fixed)")
     g.close()
 
@@ -112,18 +112,18 @@ def test_one_thread_or_disabled_governs_nothing():
 
 
 def _measure(seconds):
-    cpus = _openmp._cpus()
-    a = _openmp._sample(cpus)
+    cpus = threads.affinity_cpus()
+    a = threads.sample_ticks(cpus)
     if a is None:
         pytest.skip("no /proc/stat and /proc/self/stat on this system")
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:  # this process busy too: its own time must not count
         pass
-    return _openmp._other_cores(a, _openmp._sample(cpus))
+    return threads.other_cores(a, threads.sample_ticks(cpus))
 
 
 def test_other_processes_cpu_use_is_measured_and_own_use_is_not():
-    if len(_openmp._cpus()) < 2:
+    if len(threads.affinity_cpus()) < 2:
         pytest.skip("needs 2 CPUs: this process and the neighbour each busy on one")
     assert _measure(1.0) < 0.3  # alone: this process's own busy loop is not "others"
     p = subprocess.Popen([sys.executable, "-c", BUSY])
@@ -178,20 +178,20 @@ def test_pinned_groups_give_the_same_bits_at_any_thread_count():
 
 
 def test_training_next_to_a_busy_neighbour_lowers_its_threads_and_restores_them(tmp_path):
-    if len(_openmp._cpus()) < 2 or _openmp._sample(_openmp._cpus()) is None:
+    if len(threads.affinity_cpus()) < 2 or threads.sample_ticks(threads.affinity_cpus()) is None:
         pytest.skip("needs 2 CPUs and /proc")
     from tiny import tiny_model, tiny_tokenizer, word_rows
 
     from dpo_fast.train import TrainConfig, Trainer, TrainerCallback
 
-    stages, threads = [], []
+    stages, counts = [], []
 
     class Watch(TrainerCallback):
         def on_stage(self, trainer, message):
             stages.append(message)
 
         def on_step_end(self, trainer, state):
-            threads.append(torch.get_num_threads())
+            counts.append(torch.get_num_threads())
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -213,7 +213,7 @@ def test_training_next_to_a_busy_neighbour_lowers_its_threads_and_restores_them(
         p.wait(timeout=30)
         torch.set_num_threads(before)
     assert seconds > 2.0, "the run was too short to measure anything"
-    assert 1 in threads, (threads[:20], res.cpu_threads)
+    assert 1 in counts, (counts[:20], res.cpu_threads)
     assert "fewer for" in res.cpu_threads
     assert any("CPU threads 2 -> 1" in s for s in stages)
     assert after == 2  # close() restored the starting count

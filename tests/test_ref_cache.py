@@ -10,7 +10,9 @@ gloo processes. The model is a tiny random Llama (fast; real-model checks are se
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -38,6 +40,7 @@ from dpo_fast import (
 from dpo_fast.cli import ProgressBar, main
 from dpo_fast.data import PromptTooLongError, read_rows, tokenize_dataset
 from dpo_fast.refcache import BuildProgress, fingerprint
+from dpo_fast.refcache.build import BuildOptions
 
 transformers = pytest.importorskip("transformers")
 
@@ -537,6 +540,17 @@ def test_build_argument_checks(model, examples, tmp_path):
         RefLogProbCache.build(model, [examples[0], big], tmp_path / "a")
     with pytest.raises(ValueError, match="batch_tokens must be an int >= 1"):
         RefLogProbCache.build(model, examples[:2], tmp_path / "a", batch_tokens=0)
+    with pytest.raises(ValueError, match="compact must be True, False or 'auto'"):
+        RefLogProbCache.ensure(model, examples[:2], tmp_path / "a", compact="yes")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_size'"):
+        RefLogProbCache.ensure(model, examples[:2], tmp_path / "a", batch_size=8)
+
+
+def test_build_keywords_are_the_build_options():
+    """build's keywords and their defaults are BuildOptions' fields (ensure takes them too)."""
+    params = inspect.signature(RefLogProbCache.build).parameters.values()
+    keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    assert keywords == {f.name: f.default for f in dataclasses.fields(BuildOptions)}
 
 
 # ----------------------------------------------------------------------------- building
@@ -759,7 +773,7 @@ def test_cli_precompute_end_to_end(saved, tmp_path, capsys):
     assert main(["precompute", "--model", str(saved / "model"), "--data", str(bad),
                  "--out", str(tmp_path / "c2")]) == 1
     err = capsys.readouterr().err
-    assert "bad.jsonl line 4: missing column(s) ['rejected']" in err
+    assert "bad.jsonl line 4: field 'rejected' is missing" in err
 
 
 def test_python_dash_m_entry_point():

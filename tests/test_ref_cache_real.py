@@ -334,7 +334,7 @@ def _value_offset(shard: Path, name: str) -> int:
 
 
 def test_threads_lowered_mid_build_still_meet_the_oracle(real, orc, tmp_path):
-    # What the thread governor (dpo_fast/_openmp.py) does when a neighbour appears during a
+    # What the thread governor (dpo_fast/threads.py) does when a neighbour appears during a
     # reference pass: the threads drop to one part-way, the C++ kernel's vocabulary groups
     # stay pinned. The rows meet the float64 oracle rule like any build (bytes can differ:
     # measured 2026-12-03, 5 of these 6 shards came out identical to a 2-thread build, one

@@ -59,7 +59,7 @@ WRAPPER = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     pause = float(os.environ.get("DPO_TEST_BATCH_SLEEP", "0"))
     if pause:
-        import dpo_fast.refcache.build as b
+        import dpo_fast.refcache.compute as b
         rows = b.Computer.rows
         def slow(self, exs):
             time.sleep(pause)

@@ -45,7 +45,7 @@ from dpo_fast.train.batching import (  # noqa: E402
     mask_plan,
     split_step,
 )
-from dpo_fast.train.loop import lr_lambda  # noqa: E402
+from dpo_fast.train.modeling import lr_lambda  # noqa: E402
 from dpo_fast.train.step import HeadSpec, micro_batch_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -458,7 +458,7 @@ _MEMORY = textwrap.dedent("""
 
     class Tr(Trainer):
         def prepare_data(self):
-            from dpo_fast.train.data import PreparedData
+            from dpo_fast.data import PreparedData
             self.train_data = PreparedData(examples, [str(i) for i in range(16)])
             self.eval_data = None
 
@@ -607,15 +607,16 @@ def test_conversational_implicit_and_renamed_columns(tmp_path):
 
 
 def test_tokenized_data_is_cached(tmp_path, monkeypatch):
-    from dpo_fast.train import data as tdata
+    from dpo_fast.data import pipeline
 
     rows = word_rows(10, seed=8)
     cache = str(tmp_path / "tok")
     first = _examples(tmp_path, rows, data_cache_dir=cache).train_data
     assert not first.from_cache
     calls = []
-    real = tdata._tokenize
-    monkeypatch.setattr(tdata, "_tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline.tokenize_rows
+    monkeypatch.setattr(pipeline, "tokenize_rows",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     second = _examples(tmp_path, rows, data_cache_dir=cache).train_data
     assert second.from_cache and not calls
     assert [e.key for e in second.examples] == [e.key for e in first.examples]
@@ -685,23 +686,22 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
         assert abs(a - b) <= 1e-6
 
 
-class _Poison(Trainer):
-    """Makes the loss of the steps in ``bad`` NaN."""
+class _Poison(TrainerCallback):
+    """Makes the loss of the steps in ``bad`` NaN (through the public micro-batch hook)."""
 
-    bad = ()
+    def __init__(self, bad):
+        self.bad = bad
 
-    def _run_micro(self, examples, table, idx, module=None):
-        mb, out = super()._run_micro(examples, table, idx, module)
-        if self.state.global_step + 1 in self.bad:
+    def on_micro_batch(self, trainer, state, batch, out):
+        if state.global_step + 1 in self.bad:
             object.__setattr__(out, "loss", out.loss * float("nan"))
             object.__setattr__(out, "losses", out.losses * float("nan"))
-        return mb, out
+        return out
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    t = _Poison(config(tmp_path, word_rows(24), max_steps=4), model=tiny_model(),
-                tokenizer=tiny_tokenizer())
-    t.bad = (2,)
+    t = Trainer(config(tmp_path, word_rows(24), max_steps=4), model=tiny_model(),
+                tokenizer=tiny_tokenizer(), callbacks=[_Poison((2,))])
     before = {}
 
     class Snap(TrainerCallback):
@@ -715,9 +715,9 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert torch.equal(before[1], before[2])  # the skipped step changed nothing
     assert not torch.equal(before[2], before[3])
     assert all(math.isfinite(p.detach().sum().item()) for p in t.model.parameters())
-    t = _Poison(config(tmp_path / "b", word_rows(24), max_steps=8, max_bad_steps=3),
-                model=tiny_model(), tokenizer=tiny_tokenizer())
-    t.bad = (3, 4, 5, 6)
+    t = Trainer(config(tmp_path / "b", word_rows(24), max_steps=8, max_bad_steps=3),
+                model=tiny_model(), tokenizer=tiny_tokenizer(),
+                callbacks=[_Poison((3, 4, 5, 6))])
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite"), \
             pytest.warns(RuntimeWarning):
         t.train()

@@ -59,49 +59,18 @@ def test_kernel_specs_match_launch_configs():
 
 # ------------------------------------------- per-sequence upstream grad gathered in-kernel
 
-import math  # noqa: E402
-
 import pytest  # noqa: E402
 
 from dpo_fast.kernels import dpo_triton  # noqa: E402
-
-
-def _seq_case(lengths, d=40, v=301, dtype=torch.float32, seed=1):
-    """Packed sequences of the given lengths; every 5th position ignored with seq id -1."""
-    g = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    h = torch.randn(n, d, generator=g).to(dtype)
-    w = (torch.randn(v, d, generator=g) / d**0.5 * 2).to(dtype)
-    b = torch.randn(v, generator=g).to(dtype)
-    t = torch.randint(0, v, (n,), generator=g)
-    seq_index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    t[::5] = -100
-    seq_index[::5] = -1
-    # Nonzero per-sequence grads (so the [N] path skips no valid row: bitwise comparable).
-    seq_grad = (torch.rand(len(lengths), generator=g) + 0.1) * torch.tensor(
-        [(-1.0) ** i for i in range(len(lengths))])
-    return h, w, b, t, seq_index, seq_grad
-
-
-def _both_paths(h, w, b, t, seq_index, seq_grad, softcap, grad_entropy=None):
-    opts = dict(ignore_index=-100, softcap=softcap, inv_temperature=1.0 / 0.7)
-    _, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
-    valid = t != -100
-    # The [N]-grad reference: seq_grad[seq_index] * valid (ids of ignored rows masked out).
-    g_n = seq_grad[seq_index.clamp(0, seq_grad.numel() - 1)] * valid
-    ref = lt.logprobs_backward(h, w, b, t, row_max, log_sum, ent, g_n, None, grad_entropy,
-                               **opts)
-    got = lt.logprobs_backward(h, w, b, t, row_max, log_sum, ent, None, None, grad_entropy,
-                               seq_index=seq_index, seq_grad=seq_grad, **opts)
-    return ref, got
+from kernel_cases import both_paths, dpo_f64, seq_case  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_seq_grad_matches_token_grad(dtype, with_bias, softcap):
-    h, w, b, t, si, sg = _seq_case([13, 31, 7, 22], dtype=dtype)
-    ref, got = _both_paths(h, w, b if with_bias else None, t, si, sg, softcap)
+    h, w, b, t, si, sg = seq_case([13, 31, 7, 22], dtype=dtype)
+    ref, got = both_paths(h, w, b if with_bias else None, t, si, sg, softcap)
     assert (got[2] is None) == (not with_bias)
     for x, y in zip(ref, got):
         if x is None:
@@ -112,9 +81,9 @@ def test_seq_grad_matches_token_grad(dtype, with_bias, softcap):
 
 
 def test_seq_grad_single_pair_with_entropy_grad():
-    h, w, b, t, si, sg = _seq_case([19, 6])  # B = 1: one chosen, one rejected sequence
+    h, w, b, t, si, sg = seq_case([19, 6])  # B = 1: one chosen, one rejected sequence
     g_ent = torch.randn(t.shape[0], generator=torch.Generator().manual_seed(3))
-    ref, got = _both_paths(h, w, b, t, si, sg, None, grad_entropy=g_ent)
+    ref, got = both_paths(h, w, b, t, si, sg, None, grad_entropy=g_ent)
     for x, y in zip(ref, got):
         assert torch.equal(x, y)
 
@@ -122,9 +91,9 @@ def test_seq_grad_single_pair_with_entropy_grad():
 def test_seq_grad_zero_sequence_grad_fp32_noise():
     # A zero sequence grad: the [N] path skips those rows, the seq path processes them with
     # coefficient 0; results agree up to fp32 summation order.
-    h, w, b, t, si, sg = _seq_case([9, 17, 4, 30, 11], seed=4)
+    h, w, b, t, si, sg = seq_case([9, 17, 4, 30, 11], seed=4)
     sg[1] = 0.0
-    ref, got = _both_paths(h, w, b, t, si, sg, None)
+    ref, got = both_paths(h, w, b, t, si, sg, None)
     for x, y in zip(ref, got):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
     rows1 = (si == 1) & (t != -100)
@@ -133,16 +102,16 @@ def test_seq_grad_zero_sequence_grad_fp32_noise():
 
 def test_seq_grad_only_valid_ids_are_read():
     # Ignored positions carry an absurd sequence id: it must never be loaded.
-    h, w, b, t, si, sg = _seq_case([10, 12])
+    h, w, b, t, si, sg = seq_case([10, 12])
     si = si.clone()
     si[t == -100] = 10**9
-    ref, got = _both_paths(h, w, b, t, si, sg, None)
+    ref, got = both_paths(h, w, b, t, si, sg, None)
     for x, y in zip(ref, got):
         assert torch.equal(x, y)
 
 
 def test_seq_grad_argument_errors():
-    h, w, b, t, si, sg = _seq_case([8, 8])
+    h, w, b, t, si, sg = seq_case([8, 8])
     opts = dict(ignore_index=-100, softcap=None, inv_temperature=1.0)
     _, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=False, **opts)
     args = (h, w, b, t, row_max, log_sum, None)
@@ -174,28 +143,6 @@ def test_kernel_specs_compile_both_seq_grad_variants():
 # ------------------------------------------------------------------ DPO sigmoid loss kernel
 
 
-def _dpo_f64(p, r, beta, eps):
-    """Float64 reference, one pair at a time with math's log1p/exp (no torch kernels)."""
-    b = p.shape[0] // 2
-    out = [[] for _ in range(5)]
-    for j in range(b):
-        pc, pr, rc, rr = (float(p[j]), float(p[b + j]), float(r[j]), float(r[b + j]))
-        x = beta * ((pc - rc) - (pr - rr))
-
-        def logsig(y):
-            return min(y, 0.0) - math.log1p(math.exp(-abs(y)))
-
-        def sig(y):
-            return 1.0 / (1.0 + math.exp(-y)) if y >= 0 else math.exp(y) / (1.0 + math.exp(y))
-
-        g = beta * (eps * sig(x) - (1 - eps) * sig(-x))
-        vals = (-(1 - eps) * logsig(x) - eps * logsig(-x), g, -g, beta * (pc - rc),
-                beta * (pr - rr))
-        for o, val in zip(out, vals):
-            o.append(val)
-    return [torch.tensor(o, dtype=torch.float64) for o in out]
-
-
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("beta", [0.1, 2.5])
 def test_dpo_sigmoid_kernel_matches_references(beta, eps):
@@ -213,7 +160,7 @@ def test_dpo_sigmoid_kernel_matches_references(beta, eps):
     torch.testing.assert_close(out[2], gr, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(out[3], beta * (p[:nb] - r[:nb]))
     torch.testing.assert_close(out[4], beta * (p[nb:] - r[nb:]))
-    ref = _dpo_f64(p, r, beta, eps)
+    ref = dpo_f64(p, r, beta, eps)
     for o, want in zip(out, ref):
         # fp32 inputs: x itself carries fp32 rounding of the log-prob differences.
         torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5)
@@ -231,7 +178,7 @@ def test_dpo_sigmoid_kernel_extreme_x(eps):
     out = dpo_triton.dpo_sigmoid_loss(p, r, beta, eps)
     for o in out:
         assert torch.isfinite(o).all()
-    ref = _dpo_f64(p, r, beta, eps)
+    ref = dpo_f64(p, r, beta, eps)
     for o, want in zip(out, ref):
         torch.testing.assert_close(o.double(), want, rtol=1e-6, atol=1e-30)
     # Plain DPO at x = +1e4: loss exp(-1e4) underflows to 0, grad exactly 0; at -1e4: loss 1e4.

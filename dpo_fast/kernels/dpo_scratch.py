@@ -10,10 +10,10 @@ buys is the backward's recompute GEMM: logits kept from the forward need not be 
 Two engines, same math as :mod:`dpo_fast.kernels.logprobs_torch` (per token) and
 :func:`dpo_fast.preference_loss` (per pair):
 
-* ``_TorchChunks`` (any device; the twin): a chunk's whole [tokens, V] fp32 logits live in
+* :class:`TorchChunks` (any device; the twin): a chunk's whole [tokens, V] fp32 logits live in
   the scratch (3 GEMMs: logits, dh, dW); a pair that does not fit sends the batch to the
   memory-flat path.
-* ``_CppChunks`` (the C++ ops ``chunk_fwd`` / ``chunk_bwd``): the scratch keeps as many of
+* :class:`CppChunks` (the C++ ops ``chunk_fwd`` / ``chunk_bwd``): the scratch keeps as many of
   the kernel's per-core vocabulary tiles as fit (the first ones of every core's range) and
   the backward recomputes the rest, so any budget works: 4 GEMMs at 0 bytes, 4 - f with a
   fraction f of the logits kept, 3 when a whole chunk fits. The kernel's per-core tiles run
@@ -22,12 +22,14 @@ Two engines, same math as :mod:`dpo_fast.kernels.logprobs_torch` (per token) and
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .gemm import gemm_f32 as _gemm_f32
+from .gemm import gemm_f32
+from .options import HeadOptions
 
 _ROW_BLOCK = 32  # rows per elementwise block: 32 x 49152 fp32 = 6 MiB, L3-resident
 
@@ -42,7 +44,7 @@ PAIR_SEPARABLE = frozenset((
 def _logits(h: Tensor, wf: Tensor, bias: Optional[Tensor], out: Tensor,
             softcap: Optional[float], inv_temperature: float) -> Optional[Tensor]:
     """out <- z (fp32, in place); returns tanh(z0 / c) for the softcap chain, or None."""
-    _gemm_f32(h, wf.T, out)
+    gemm_f32(h, wf.T, out)
     if bias is not None:
         out += bias.float()
     t = None
@@ -90,22 +92,23 @@ def cpp_store_plan(n_rows: int, vocab: int, budget_bytes: int) -> Tuple[int, int
     return int(used), int(cols), int(full)
 
 
-class _TorchChunks:
+class TorchChunks:
     """Whole-chunk scratch in torch ops: forward(h, tgt) -> (logp, ent, hit) per row, then
     backward(h, tgt, g, dh_rows, dw, db, first) adds the chunk's grads (dw / db in place;
     on the first chunk ``overwrites`` engines ignore their old contents; dh_rows / dw None:
-    a frozen input, not computed)."""
+    a frozen input, not computed). Built with (weight [V, D], bias [V] | None, head options,
+    rows of the largest chunk, scratch budget in bytes)."""
 
     overwrites = False
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
-                 inv_t: float, max_rows: int, budget: int):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], head: HeadOptions,
+                 max_rows: int, budget: int):
         dev = weight.device
         # Half inputs: on CUDA the GEMMs take them as they are (fp32 output / accumulation);
         # elsewhere the weight is upcast once (CPU has no fp32-output half GEMM).
         self.native = weight.dtype == torch.float32 or dev.type == "cuda"
         self.wf = weight if self.native else weight.float()
-        self.bias, self.softcap, self.inv_t = bias, softcap, inv_t
+        self.bias, self.softcap, self.inv_t = bias, head.softcap, head.inv_temperature
         self.row_block = _ROW_BLOCK if dev.type == "cpu" else max(1, max_rows)
         self.scratch = torch.empty(max_rows * weight.shape[0], dtype=torch.float32, device=dev)
 
@@ -149,26 +152,28 @@ class _TorchChunks:
                 blk *= 1.0 - tb * tb
         zg = z if h.dtype == torch.float32 else z.to(h.dtype)  # GEMM operand, as autograd
         if dh_rows is not None:
-            _gemm_f32(zg, self.wf, dh_rows)
+            gemm_f32(zg, self.wf, dh_rows)
         if dw is not None:
-            _gemm_f32(zg.T, h, dw, accumulate=True)
+            gemm_f32(zg.T, h, dw, accumulate=True)
         if db is not None:
             db += z.sum(dim=0)
         self.z = self.t = None
 
 
-class _CppChunks:
+class CppChunks:
     """The C++ chunk ops; the store keeps as many whole vocabulary tiles as the budget
-    allows for the largest chunk (:func:`cpp_store_plan`)."""
+    allows for the largest chunk (:func:`cpp_store_plan`). Same interface as
+    :class:`TorchChunks`."""
 
     overwrites = True  # the first chunk writes dW / db instead of adding to zeros
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float],
-                 inv_t: float, max_rows: int, budget: int, ignore_index: int):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], head: HeadOptions,
+                 max_rows: int, budget: int):
         used, _, _ = cpp_store_plan(max_rows, weight.shape[0], budget)
         self.store = torch.empty(used, dtype=torch.float32)
-        self.weight, self.bias, self.softcap, self.inv_t = weight, bias, softcap, inv_t
-        self.ig = ignore_index
+        self.weight, self.bias = weight, bias
+        self.softcap, self.inv_t = head.softcap, head.inv_temperature
+        self.ig = head.ignore_index
 
     def prepare(self, h: Tensor) -> Tensor:
         return h
@@ -186,29 +191,65 @@ class _CppChunks:
             self.softcap, self.inv_t, self.store, dh_rows, dw, db, first)
 
 
+@dataclass(frozen=True)
+class ScratchPlan:
+    """Everything the scratch engine needs besides hidden, weight and bias.
+
+    Attributes:
+        targets: [N] int64 next-token ids (``head.ignore_index`` on skipped positions).
+        seq: [N] int64 sequence ids in [0, 2B) (any valid id, e.g. 0, at skipped positions).
+        b: number of pairs B; none may be empty (the mean is over all B).
+        ref: [2B] fp32 reference log-probs, or None.
+        lengths: [2B] int64 response-token counts.
+        head: the head options; ``head.impl == "cpu"`` runs :class:`CppChunks`, anything
+            else :class:`TorchChunks`.
+        chunks: ``(p0, p1)`` ranges of whole pairs (:func:`pair_chunks`).
+        budget: scratch bytes.
+        loss_kwargs: keyword arguments of :func:`dpo_fast.preference_loss` (loss_type, ...).
+    """
+
+    targets: Tensor
+    seq: Tensor
+    b: int
+    ref: Optional[Tensor]
+    lengths: Tensor
+    head: HeadOptions
+    chunks: Tuple[Tuple[int, int], ...]
+    budget: int
+    loss_kwargs: Mapping[str, Any]
+
+
+class ScratchResult(NamedTuple):
+    """Output of :func:`scratch_preference_loss` (everything but ``loss`` detached)."""
+
+    loss: Tensor              # [] mean over the B pairs; differentiable
+    seq_logps: Tensor         # [2B] fp32 per-sequence policy log-probs
+    ent_sum: Tensor           # [2B] fp64 sums of the per-token entropies
+    hit_sum: Tensor           # [2B] fp64 counts of tokens whose target is the argmax
+    losses: Tensor            # [B] per-pair losses
+    chosen_rewards: Tensor    # [B]
+    rejected_rewards: Tensor  # [B]
+
+
 class ScratchPreferenceLoss(torch.autograd.Function):
     """loss = mean over pairs of the per-pair preference loss; grads formed in forward.
 
-    forward(hidden [N, D], weight [V, D], bias [V] | None, opts: dict) -> loss [].
-    No pair may be empty (the caller falls back to memory-flat otherwise), so the mean is
-    over all B pairs. ``opts`` carries targets, seq (sanitized [N] sequence ids), b, ref,
-    ignore_index, softcap, inv_temperature, chunks, engine ("torch" / "cpu"), budget, the
-    preference_loss keyword arguments, and a ``stats`` dict that the forward fills
-    (per-sequence logps, rewards, metrics).
+    forward(hidden [N, D], weight [V, D], bias [V] | None, plan: ScratchPlan) -> the fields
+    of :class:`ScratchResult`; only the loss is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, opts):
+    def forward(ctx, hidden, weight, bias, plan):
         from ..losses import preference_loss
 
-        targets, seq, b = opts["targets"], opts["seq"], opts["b"]
-        ref, ig = opts["ref"], opts["ignore_index"]
+        targets, seq, b, ref = plan.targets, plan.seq, plan.b, plan.ref
         dev = hidden.device
         vocab, d = weight.shape
-        valid = targets != ig
-        max_rows = max(opts["chunk_tokens"])
-        args = (weight, bias, opts["softcap"], opts["inv_temperature"], max_rows, opts["budget"])
-        eng = _CppChunks(*args, ig) if opts["engine"] == "cpu" else _TorchChunks(*args)
+        valid = targets != plan.head.ignore_index
+        tok = (plan.lengths[:b] + plan.lengths[b:]).tolist()
+        max_rows = max(sum(tok[p0:p1]) for p0, p1 in plan.chunks)
+        engine = CppChunks if plan.head.impl == "cpu" else TorchChunks
+        eng = engine(weight, bias, plan.head, max_rows, plan.budget)
         # A frozen input (e.g. the LM head under LoRA) gets no GEMM and no buffer.
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_dh else None
@@ -223,7 +264,7 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         pair_of_row = (seq % b).masked_fill(~valid, b)
         order = torch.sort(pair_of_row, stable=True).indices
         bounds = torch.searchsorted(pair_of_row[order], torch.arange(b + 1, device=dev)).tolist()
-        for k, (p0, p1) in enumerate(opts["chunks"]):
+        for k, (p0, p1) in enumerate(plan.chunks):
             pairs = torch.arange(p0, p1, device=dev)
             rows = order[bounds[p0]:bounds[p1]]
             h = eng.prepare(hidden.index_select(0, rows))
@@ -234,14 +275,14 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             seq_ids = torch.cat([pairs, pairs + b])
             sl = torch.zeros(2 * b, dtype=torch.float64, device=dev).index_add(
                 0, s_ids, tok_logp.double())[seq_ids].float()
-            lens = opts["lengths"][seq_ids]
+            lens = plan.lengths[seq_ids]
             pc = sl[: p1 - p0].clone().requires_grad_()
             pr = sl[p1 - p0:].clone().requires_grad_()
             rc = ref[pairs] if ref is not None else None
             rr = ref[pairs + b] if ref is not None else None
             with torch.enable_grad():
                 out = preference_loss(pc, pr, rc, rr, chosen_lengths=lens[: p1 - p0],
-                                      rejected_lengths=lens[p1 - p0:], **opts["loss_kwargs"])
+                                      rejected_lengths=lens[p1 - p0:], **plan.loss_kwargs)
                 # allow_unused: sft's loss does not depend on the rejected log-probs.
                 gc, gr = torch.autograd.grad(out.losses.sum(), (pc, pr), allow_unused=True,
                                              materialize_grads=True)
@@ -261,16 +302,15 @@ class ScratchPreferenceLoss(torch.autograd.Function):
             seq_logps.index_add_(0, s_ids, tok_logp.double())
             ent_sum.index_add_(0, s_ids, ent.double())
             hit_sum.index_add_(0, s_ids, hit.double())
-        stats = opts["stats"]
-        stats.update(seq_logps=seq_logps.float(), ent_sum=ent_sum, hit_sum=hit_sum,
-                     losses=torch.cat(losses), chosen_rewards=torch.cat(rew_c),
-                     rejected_rewards=torch.cat(rew_r))
         ctx.grads = (dh, dw, db)  # plain attributes: they are outputs of no graph
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return stats["losses"].sum() / b
+        losses = torch.cat(losses)
+        stats = (seq_logps.float(), ent_sum, hit_sum, losses, torch.cat(rew_c), torch.cat(rew_r))
+        ctx.mark_non_differentiable(*stats)
+        return (losses.sum() / b,) + stats
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_stats):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("the scratch engine forms its gradients once, in the forward: a "
@@ -288,20 +328,8 @@ class ScratchPreferenceLoss(torch.autograd.Function):
         return (*out, None)
 
 
-def scratch_preference_loss(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
-    b: int, ref: Optional[Tensor], lengths: Tensor, *,
-    ignore_index: int, softcap: Optional[float], inv_temperature: float,
-    chunks: Sequence[Tuple[int, int]], loss_kwargs: Dict, engine: str = "torch",
-    budget: int = 0,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Runs :class:`ScratchPreferenceLoss` with the ``engine`` ("torch" or "cpu", the C++
-    ops) and a scratch of ``budget`` bytes; returns (loss [], stats dict)."""
-    stats: Dict[str, Tensor] = {}
-    tok = (lengths[:b] + lengths[b:]).tolist()
-    opts = dict(targets=targets, seq=seq, b=b, ref=ref, ignore_index=ignore_index,
-                softcap=softcap, inv_temperature=inv_temperature, chunks=list(chunks),
-                chunk_tokens=[sum(tok[p0:p1]) for p0, p1 in chunks], lengths=lengths,
-                loss_kwargs=loss_kwargs, stats=stats, engine=engine, budget=budget)
-    loss = ScratchPreferenceLoss.apply(hidden, weight, bias, opts)
-    return loss, stats
+def scratch_preference_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            plan: ScratchPlan) -> ScratchResult:
+    """Runs :class:`ScratchPreferenceLoss` on hidden [N, D], weight [V, D], bias [V] | None
+    with the engine and scratch budget of ``plan``."""
+    return ScratchResult(*ScratchPreferenceLoss.apply(hidden, weight, bias, plan))

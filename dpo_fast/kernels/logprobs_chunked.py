@@ -23,9 +23,10 @@ columns (GEMM efficiency); plus the [R, D] fp32 dh accumulator and, when some ro
 ignored, the gathered [R, D] hidden rows. No [R, V] tensor exists. Deterministic: every
 output element is written by one GEMM call or one program, in a fixed chunk order.
 
-The math per element is the fused kernels' (logprobs_triton), which this module reuses
-(``_tanh``, ``_dz_tile``, ``_round_like``): m and log s are returned separately (lse = m +
-log s) and log p = (z - m) - log s, so logits of magnitude 1e4 keep fp32 accuracy.
+The math per element is the fused kernels' (logprobs_triton): both import the same
+``@triton.jit`` helpers from :mod:`dpo_fast.kernels.triton_common` (``tanh``, ``dz_tile``,
+``round_like``). m and log s are returned separately (lse = m + log s) and
+log p = (z - m) - log s, so logits of magnitude 1e4 keep fp32 accuracy.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) the row kernels run in the interpreter and the
 GEMMs are torch's CPU GEMMs (bf16/fp16 operands upcast to fp32 there: CPU torch has no
@@ -42,8 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gemm import gemm_f32 as _gemm_f32
-from .logprobs_triton import _check, _check_seq_args, _dz_tile, _round_like, _tanh
+from .gemm import gemm_f32
+from .triton_common import (
+    TRITON_DTYPE, check_inputs, check_seq_args, dz_tile, interpreting, round_like, tanh,
+)
 
 CHUNK_BYTES_MIN = 256 << 20
 CHUNK_FRACTION = 0.02
@@ -55,13 +58,9 @@ ROW_CONFIGS = {"fwd": (1, 2048, 4), "bwd": (16, 512, 8)}  # best of a sweep on a
 INTERPRET_BLOCK_R, INTERPRET_BLOCK_C = 64, 1024
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _row_launch(kind: str, r: int):
     """(grid, launch options) of row kernel ``kind`` ("fwd" | "bwd") over ``r`` rows."""
-    if _interpreting():
+    if interpreting():
         return (triton.cdiv(r, INTERPRET_BLOCK_R),), dict(BLOCK_R=INTERPRET_BLOCK_R,
                                                           BLOCK_C=INTERPRET_BLOCK_C)
     env = os.environ.get(f"DPO_FAST_ROW_CONFIG_{kind.upper()}")
@@ -113,7 +112,7 @@ def _lse_chunk_kernel(
         if HAS_BIAS:
             z += tl.load(B + v0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
-            z = _tanh(z / softcap) * softcap
+            z = tanh(z / softcap) * softcap
         z = z * inv_temperature
         zt += tl.sum(tl.where(offs_c[None, :] == tgt[:, None], z, 0.0), axis=1)
         zm = tl.where(mask_c[None, :], z, float("-inf"))
@@ -172,12 +171,12 @@ def _dz_chunk_kernel(
             z += tl.load(B + v0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         t = z
         if SOFTCAP:
-            t = _tanh(z / softcap)
+            t = tanh(z / softcap)
             z = t * softcap
         z = z * inv_temperature
-        dz = _dz_tile(z, t, offs_c + v0, mask_c, mask_r, tgt, rmax, logs, glp, coef, ge, he,
-                      inv_temperature, SOFTCAP, HAS_GENT)
-        tl.store(DZ + row_off[:, None] + offs_c[None, :], _round_like(dz, DZ, UPCAST),
+        dz = dz_tile(z, t, offs_c + v0, mask_c, mask_r, tgt, rmax, logs, glp, coef, ge, he,
+                     inv_temperature, SOFTCAP, HAS_GENT)
+        tl.store(DZ + row_off[:, None] + offs_c[None, :], round_like(dz, DZ, UPCAST),
                  mask=mask)
 
 
@@ -207,7 +206,7 @@ def logprobs_forward(
         logp [N], row_max [N], entropy [N] (or [0] unless ``with_entropy``), log_sum [N],
         all fp32, 0.0 where ignored.
     """
-    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -234,7 +233,7 @@ def logprobs_forward(
     for v0 in range(0, vocab, cols):
         c = min(cols, vocab - v0)
         z = buf[: r * c].view(r, c)
-        _gemm_f32(hv, weight[v0:v0 + c].t(), z)
+        gemm_f32(hv, weight[v0:v0 + c].t(), z)
         grid, opts = _row_launch("fwd", r)
         _lse_chunk_kernel[grid](
             z, bias if bias is not None else z, tv, m, s, sz, zt, r, c, v0, cap,
@@ -282,7 +281,7 @@ def logprobs_backward(
         grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype), grad_bias [V]
         (bias.dtype) or None.
     """
-    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -294,7 +293,7 @@ def logprobs_backward(
         raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")
     valid = targets != ignore_index
     if use_seq:
-        seq_index, seqg = _check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
+        seq_index, seqg = check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
         rows = valid.nonzero().squeeze(1)
         sids = seq_index.index_select(0, rows)
         if rows.numel() and (int(sids.min()) < 0 or int(sids.max()) >= seqg.numel()):
@@ -334,15 +333,15 @@ def logprobs_backward(
         z = zbuf[: r * c].view(r, c)
         dz = dzbuf[: r * c].view(r, c)
         w_c = weight[v0:v0 + c]
-        _gemm_f32(hv, w_c.t(), z)
+        gemm_f32(hv, w_c.t(), z)
         grid, opts = _row_launch("bwd", r)
         _dz_chunk_kernel[grid](
             z, dz, bias if bias is not None else z, tv, rmax, logs, he,
             glp if glp is not None else rmax, coef if coef is not None else rmax, ge,
             sids if sids is not None else tv, seqg if seqg is not None else rmax,
-            r, c, v0, cap, float(inv_temperature), **flags, **opts, UPCAST=_interpreting())
+            r, c, v0, cap, float(inv_temperature), **flags, **opts, UPCAST=interpreting())
         if need_dh:
-            _gemm_f32(dz, w_c, dh, accumulate=True)
+            gemm_f32(dz, w_c, dh, accumulate=True)
         if not need_dw:
             pass
         elif half and not dz.is_cuda:
@@ -374,7 +373,7 @@ def kernel_specs(dtype: torch.dtype, features: bool = True) -> list:
     """Compile-gate entries for the two row kernels at their default GPU configs (same keys
     as ``logprobs_triton.kernel_specs``); every feature flag on when ``features``, else off.
     No GEMM inside (the GEMMs are the library's), so the gate checks spills only."""
-    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    dt = TRITON_DTYPE[dtype]
     specs = []
     for name, fn, kind in (("lse_chunk", _lse_chunk_kernel, "fwd"),
                            ("dz_chunk", _dz_chunk_kernel, "bwd")):

@@ -14,6 +14,10 @@ Kernels (one program per tile, logits only ever exist as one [BLOCK_N, BLOCK_V] 
 - ``_bwd_dw_kernel``: one program per vocab tile; recomputes z tiles, forms dz and
   accumulates dW += dz^T @ h (and db) into fp32 rows it alone owns.
 
+The softcap tanh, the softmax gradient of a tile and the rounding of dz are the
+``@triton.jit`` helpers of :mod:`dpo_fast.kernels.triton_common`, shared with the chunked
+backend (:mod:`dpo_fast.kernels.logprobs_chunked`).
+
 Fused-DPO mode (constexpr ``SEQ_GRAD``): given ``seq_index`` [N] and ``seq_grad`` [S], the
 backward kernels gather each token's upstream grad ``seq_grad[seq_index[row]]`` themselves,
 so no [N] gradient tensor is built on the host.
@@ -41,6 +45,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .triton_common import (
+    TRITON_DTYPE, check_inputs, check_seq_args, dz_tile, interpreting, round_like, tanh,
+)
 
 # Default GPU configs per kernel and input dtype ("half" = fp16/bf16), chosen so that every
 # kernel compiles with tensor-core mma/wgmma and zero spills on sm_80 and sm_90 with every
@@ -81,30 +89,7 @@ AUTOTUNE_CANDIDATES: List[Dict[str, int]] = [
 _AUTOTUNE_ENV = "DPO_FAST_TRITON_AUTOTUNE"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # --------------------------------------------------------------------------- device code
-
-
-@triton.jit
-def _tanh(x):
-    # libdevice.tanh fails under the interpreter. Below |x| = 0.625 the exp form loses the
-    # relative accuracy (1 - e cancels), so use the Cephes tanhf odd polynomial there (same
-    # as csrc/vec_math.h); above it (1 - e) / (1 + e), where exp(-2|x|) never overflows.
-    ax = tl.abs(x)
-    s = x * x
-    p = -5.70498872745e-3
-    p = p * s + 2.06390887954e-2
-    p = p * s - 5.37397155531e-2
-    p = p * s + 1.33314422036e-1
-    p = p * s - 3.33332819422e-1
-    p = p * s * x + x
-    e = tl.exp(-2.0 * ax)
-    t = (1.0 - e) / (1.0 + e)
-    big = tl.where(x >= 0, t, -t)
-    return tl.where(ax < 0.625, p, big)
 
 
 @triton.jit
@@ -134,7 +119,7 @@ def _logits_tile(
         acc += b[None, :]
     t = acc
     if SOFTCAP:
-        t = _tanh(acc / softcap)
+        t = tanh(acc / softcap)
         acc = t * softcap
     acc = acc * inv_temperature
     return acc, t
@@ -190,25 +175,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dz_tile(
-    z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he, inv_temperature,
-    SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
-):
-    """dz0 = d loss / d(raw logits) for one tile; 0 at padded rows and columns."""
-    logsm = (z - rmax[:, None]) - logs[:, None]  # log p, fp32-accurate even at |z| ~ 1e4
-    p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(logsm), 0.0)
-    if HAS_GENT:
-        dz = -p * (coef[:, None] + ge[:, None] * (logsm + he[:, None]))
-    else:
-        dz = -p * coef[:, None]
-    dz += tl.where(offs_v[None, :] == tgt[:, None], glp[:, None], 0.0)
-    dz = dz * inv_temperature
-    if SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    return dz
-
-
-@triton.jit
 def _load_row_scalars(
     TGT, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, ROWS, offs_n, n_rows,
     HAS_GENT: tl.constexpr, SEQ_GRAD: tl.constexpr,
@@ -247,26 +213,6 @@ def _tile_is_live(dz, filter_eps, FILTER: tl.constexpr):
 
 
 @triton.jit
-def _round_like(x, W, UPCAST: tl.constexpr):
-    """Rounds fp32 ``x`` to W's element type as the GPU does (round to nearest even).
-
-    The interpreter's fp32 -> bf16 cast truncates (and its "rtne" mode is wrong too), which
-    would double the error of the backward GEMM operand there; so when interpreting, the
-    rounding is done on the bits and the value stays fp32 for the (upcast) dot.
-    """
-    if UPCAST:
-        if W.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            y = bits.to(tl.float32, bitcast=True)
-        else:
-            y = x.to(W.dtype.element_ty).to(tl.float32)
-    else:
-        y = x.to(W.dtype.element_ty)
-    return y
-
-
-@triton.jit
 def _bwd_dh_kernel(
     H, W, B, TGT, ROWS, RMAX, LOGS, ENT, GLP, COEF, GENT, SIDX, SEQG, DH,
     n_rows, V, D, softcap, inv_temperature, filter_eps,
@@ -289,10 +235,10 @@ def _bwd_dh_kernel(
             H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
         )
-        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
-                      inv_temperature, SOFTCAP, HAS_GENT)
+        dz = dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
+                     inv_temperature, SOFTCAP, HAS_GENT)
         if _tile_is_live(dz, filter_eps, FILTER):
-            dzc = _round_like(dz, W, UPCAST)
+            dzc = round_like(dz, W, UPCAST)
             w_off = offs_v.to(tl.int64) * D
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
@@ -334,12 +280,12 @@ def _bwd_dw_kernel(
             H, W, B, row_off, mask_n, offs_v, mask_v, D, softcap, inv_temperature,
             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
         )
-        dz = _dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
-                      inv_temperature, SOFTCAP, HAS_GENT)
+        dz = dz_tile(z, t, offs_v, mask_v, mask_n, tgt, rmax, logs, glp, coef, ge, he,
+                     inv_temperature, SOFTCAP, HAS_GENT)
         if HAS_BIAS:
             db += tl.sum(dz, axis=0)  # exact even when the tile's GEMM is filtered out
         if _tile_is_live(dz, filter_eps, FILTER):
-            dzt = tl.trans(_round_like(dz, W, UPCAST))
+            dzt = tl.trans(round_like(dz, W, UPCAST))
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 md = dd < D
@@ -362,7 +308,6 @@ def _bwd_dw_kernel(
 _KERNELS = {"fwd": _fwd_kernel, "bwd_dh": _bwd_dh_kernel, "bwd_dw": _bwd_dw_kernel}
 _GEMM_KERNELS = ("fwd", "bwd_dh", "bwd_dw")  # all three carry tl.dot
 _BLOCK_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Runtime (non-constexpr) argument types, by argument name; "{dt}" is the input dtype.
 _ARG_TYPES = {
     "H": "*{dt}", "W": "*{dt}", "B": "*{dt}", "TGT": "*i64", "ROWS": "*i32",
@@ -406,7 +351,7 @@ def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
     "constexpr"), ``constexprs``, ``attrs`` (ASTSource divisibility hints), ``options``
     (num_warps, num_stages), ``gemm`` (whether its PTX must hold tensor-core mma/wgmma).
     """
-    dt = _TRITON_DTYPE[dtype]
+    dt = TRITON_DTYPE[dtype]
     flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "HAS_GENT", "FILTER",
                                    "SEQ_GRAD")}
     specs = []
@@ -443,10 +388,12 @@ def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
 _autotuned: Dict[str, object] = {}
 
 
-def _launch(name: str, n_programs_fn, args: tuple, flags: dict, sizes: Tuple[int, int, int],
-            dtype: torch.dtype, reset: Tuple[str, ...] = ()) -> None:
-    """Launch kernel ``name`` with the default (or interpreter, or autotuned) config."""
-    interpret = _interpreting()
+def launch(name: str, n_programs_fn, args: tuple, flags: dict, sizes: Tuple[int, int, int],
+           dtype: torch.dtype, reset: Tuple[str, ...] = ()) -> None:
+    """Launch kernel ``name`` ("fwd" | "bwd_dh" | "bwd_dw") with the default (or
+    interpreter, or autotuned) config. The host functions launch through this module-level
+    name, so a benchmark may replace it to time one backward kernel alone."""
+    interpret = interpreting()
     common = dict(flags, UPCAST=interpret, DOT_PRECISION=dot_precision(dtype))
     if not interpret and os.environ.get(_AUTOTUNE_ENV) == "1":
         fn = _autotuned.get(name)
@@ -466,40 +413,6 @@ def _launch(name: str, n_programs_fn, args: tuple, flags: dict, sizes: Tuple[int
     cfg = default_config(name, dtype)
     opts = {} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     _KERNELS[name][(n_programs_fn(blocks),)](*args, **common, **blocks, **opts)
-
-
-def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
-                         "must be [N, D] and [V, D]")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _TRITON_DTYPE:
-        raise TypeError(f"hidden/weight must share a dtype in fp32/fp16/bf16, got "
-                        f"{hidden.dtype}/{weight.dtype}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be [N={hidden.shape[0]}]")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias {tuple(bias.shape)} must be [V={weight.shape[0]}]")
-    return (hidden.contiguous(), weight.contiguous(),
-            bias.contiguous() if bias is not None else None, targets.contiguous())
-
-
-def _check_seq_args(seq_index: Optional[Tensor], seq_grad: Optional[Tensor],
-                    grad_logp: Optional[Tensor], grad_lse: Optional[Tensor], n: int,
-                    dev: torch.device) -> Tuple[Tensor, Tensor]:
-    """Validates the backward's per-sequence grad arguments (shared by the Triton backends);
-    returns (seq_index int64 [N], seq_grad fp32 [S]), contiguous on ``dev``."""
-    if seq_grad is None or seq_index is None:
-        raise ValueError("seq_index and seq_grad must be given together")
-    if grad_logp is not None or grad_lse is not None:
-        raise ValueError("seq_grad replaces grad_logp, and grad_lse is not supported "
-                         "with it: pass grad_logp=None, grad_lse=None")
-    if seq_index.shape != (n,) or seq_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"seq_index must be [N={n}] int64, got "
-                         f"{tuple(seq_index.shape)} {seq_index.dtype}")
-    if seq_grad.dim() != 1:
-        raise ValueError(f"seq_grad must be [S], got {tuple(seq_grad.shape)}")
-    return (seq_index.to(device=dev, dtype=torch.int64).contiguous(),
-            seq_grad.to(device=dev, dtype=torch.float32).contiguous())
 
 
 def logprobs_forward(
@@ -522,7 +435,7 @@ def logprobs_forward(
         logp [N] fp32, row_max [N] fp32, entropy [N] fp32 (shape [0] unless
         ``with_entropy``), log_sum [N] fp32; 0.0 where ignored. lse = row_max + log_sum.
     """
-    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -540,8 +453,8 @@ def logprobs_forward(
         n_rows, vocab, d, float(softcap) if softcap is not None else 1.0, float(inv_temperature),
     )
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy)
-    _launch("fwd", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]), args, flags,
-            (n_rows, vocab, d), hidden.dtype)
+    launch("fwd", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]), args, flags,
+           (n_rows, vocab, d), hidden.dtype)
     return logp, row_max, ent, log_sum
 
 
@@ -590,7 +503,7 @@ def logprobs_backward(
         grad_hidden [N, D] (hidden.dtype), grad_weight [V, D] (weight.dtype),
         grad_bias [V] (bias.dtype) or None.
     """
-    hidden, weight, bias, targets = _check(hidden, weight, bias, targets)
+    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -606,7 +519,7 @@ def logprobs_backward(
 
     use_seq = seq_grad is not None or seq_index is not None
     if use_seq:
-        seq_index, seq_grad = _check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
+        seq_index, seq_grad = check_seq_args(seq_index, seq_grad, grad_logp, grad_lse, n, dev)
     use_ent = grad_entropy is not None
     if use_ent and (entropy is None or entropy.numel() != n):
         raise ValueError("grad_entropy needs the forward's entropy (with_entropy=True)")
@@ -648,10 +561,10 @@ def logprobs_backward(
                  FILTER=filt, SEQ_GRAD=use_seq)
     sizes = (n_rows, vocab, d)
     if need_dh:
-        _launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
-                common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))
+        launch("bwd_dh", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]),
+               common + (dh,) + scalars, flags, sizes, hidden.dtype, reset=("DH",))
     if need_dw or db is not None:
-        _launch("bwd_dw", lambda b: triton.cdiv(vocab, b["BLOCK_V"]),
-                common + (dw, db if db is not None else dw) + scalars, flags, sizes, hidden.dtype,
-                reset=("DW", "DB"))
+        launch("bwd_dw", lambda b: triton.cdiv(vocab, b["BLOCK_V"]),
+               common + (dw, db if db is not None else dw) + scalars, flags, sizes, hidden.dtype,
+               reset=("DW", "DB"))
     return _out()

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..kernels.dpo_scratch import PAIR_SEPARABLE, pair_chunks, scratch_preference_loss
+from ..kernels.dpo_scratch import (
+    PAIR_SEPARABLE, ScratchPlan, pair_chunks, scratch_preference_loss,
+)
+from ..kernels.options import HeadOptions
 from ..losses import PreferenceLossOutput, preference_loss
-from .logprobs import TRITON_IMPLS, _backend, fake_grads, grads_or_empty, prepare_inputs
+from .logprobs import (
+    TRITON_IMPLS, backend_module, fake_grads, grads_or_empty, head_grads, prepare_inputs,
+)
 
 _EMPTY_POLICIES = ("error", "drop")
 
@@ -135,16 +140,17 @@ def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Te
 # Forward: per-token log-probs (plus entropy, row max and log-sum for the metrics) and
 # their per-sequence sums. Backward: takes dL/d(sequence logp) [S] and hands it to the
 # log-prob backward; the Triton backend gathers it per token inside its kernels, the CPU
-# backends expand it to an [N] vector (O(N), never [N, V]).
+# backends expand it to an [N] vector (O(N), never [N, V]). The head options are the ops'
+# keyword-only arguments (HeadOptions.op_kwargs), as in ``ops/logprobs.py``.
 
 
 @torch.library.custom_op("dpo_fast::seq_logprobs_fwd", mutates_args=())
 def _seq_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor, *,
     num_seqs: int, ignore_index: int, softcap: Optional[float], inv_temperature: float,
     impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    logp, row_max, ent, log_sum = _backend(impl).logprobs_forward(
+    logp, row_max, ent, log_sum = backend_module(impl).logprobs_forward(
         hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
         inv_temperature=inv_temperature, with_entropy=True,
     )
@@ -156,7 +162,7 @@ def _seq_fwd(
 
 
 @_seq_fwd.register_fake
-def _(hidden, weight, bias, targets, seq, num_seqs, ignore_index, softcap, inv_temperature, impl):
+def _(hidden, weight, bias, targets, seq, *, num_seqs, **_opts):
     n = targets.shape[0]
     per_tok = hidden.new_empty((n,), dtype=torch.float32)
     return (hidden.new_empty((num_seqs,), dtype=torch.float32), per_tok,
@@ -166,10 +172,10 @@ def _(hidden, weight, bias, targets, seq, num_seqs, ignore_index, softcap, inv_t
 @torch.library.custom_op("dpo_fast::seq_logprobs_bwd", mutates_args=())
 def _seq_bwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor,
-    row_max: Tensor, log_sum: Tensor, seq_grad: Tensor, ignore_index: int,
-    softcap: Optional[float], inv_temperature: float, impl: str, need_dh: bool, need_dw: bool,
+    row_max: Tensor, log_sum: Tensor, seq_grad: Tensor, *, need_dh: bool, need_dw: bool,
+    ignore_index: int, softcap: Optional[float], inv_temperature: float, impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    backend = _backend(impl)
+    backend = backend_module(impl)
     kw = dict(ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
               need_dh=need_dh, need_dw=need_dw)
     g = seq_grad.float()
@@ -185,29 +191,28 @@ def _seq_bwd(
 
 
 @_seq_bwd.register_fake
-def _(hidden, weight, bias, targets, seq, row_max, log_sum, seq_grad, ignore_index, softcap,
-      inv_temperature, impl, need_dh, need_dw):
+def _(hidden, weight, bias, *_tensors, need_dh, need_dw, **_opts):
     return fake_grads(hidden, weight, bias, need_dh, need_dw)
 
 
-def _seq_setup(ctx, inputs, output):
+def _seq_setup(ctx, inputs, keyword_only_inputs, output):
     ctx.set_materialize_grads(False)
-    hidden, weight, bias, targets, seq, _, ignore_index, softcap, inv_temperature, impl = inputs
+    hidden, weight, bias, targets, seq = inputs
+    kw = dict(keyword_only_inputs)
+    del kw["num_seqs"]
+    ctx.opts = HeadOptions(**kw)
     _, _, _, row_max, log_sum = output
     ctx.save_for_backward(hidden, weight, bias, targets, seq, row_max, log_sum)
-    ctx.opts = (ignore_index, softcap, inv_temperature, impl)
 
 
 def _seq_backward(ctx, g_seq, *_unused):
     hidden, weight, bias, targets, seq, row_max, log_sum = ctx.saved_tensors
     if g_seq is None:
-        return (None,) * 10
+        return (None,) * 5
     dh, dw, db = _seq_bwd(hidden, weight, bias, targets, seq, row_max, log_sum, g_seq,
-                          *ctx.opts, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (dh if ctx.needs_input_grad[0] else None,
-            dw if ctx.needs_input_grad[1] else None,
-            db if bias is not None and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None, None)
+                          need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                          **ctx.opts.op_kwargs())
+    return head_grads(ctx, bias, dh, dw, db, 2)
 
 
 torch.library.register_autograd("dpo_fast::seq_logprobs_fwd", _seq_backward,
@@ -232,8 +237,8 @@ class _TritonDPOSigmoid(torch.autograd.Function):
     def backward(ctx, g_losses, _g_rc, _g_rr):
         gc, gr = ctx.saved_tensors
         if g_losses is None:
-            return None, None, None, None, None, None
-        return g_losses * gc, g_losses * gr, None, None, None, None
+            return (None,) * 6
+        return (g_losses * gc, g_losses * gr) + (None,) * 4
 
 
 def _triton_sigmoid(pc, pr, rc, rr, beta, eps) -> PreferenceLossOutput:
@@ -245,6 +250,180 @@ def _triton_sigmoid(pc, pr, rc, rr, beta, eps) -> PreferenceLossOutput:
     return PreferenceLossOutput(
         loss=losses.mean(), losses=losses, terms=(losses,), chosen_rewards=rew_c,
         rejected_rewards=rew_r, margins=rew_c - rew_r, accuracies=(rew_c > rew_r).float())
+
+
+# ------------------------------------------------- fused_preference_loss, step by step
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A validated packed batch of B pairs (N positions), ready for either loss path."""
+
+    hidden: Tensor          # [N, D], flattened and contiguous
+    weight: Tensor          # [V, D]
+    bias: Optional[Tensor]  # [V] or None
+    targets: Tensor         # [N] int64
+    seq: Tensor             # [N] int64 sequence ids, 0 at ignored positions
+    valid: Tensor           # [N] bool, response positions
+    b: int
+    lengths: Tensor         # [2B] int64 response-token counts
+    empty: Tensor           # [B] bool, pairs with a sequence of no response token
+    ref: Optional[Tensor]   # [2B] fp32 reference log-probs on the batch's device, or None
+    head: HeadOptions
+
+
+@dataclass(frozen=True)
+class _LossParts:
+    """What a loss path hands to the output assembly."""
+
+    pref: PreferenceLossOutput
+    policy_logps: Tensor    # [2B_in] detached
+    kept: Tensor            # [B_in] bool
+    num_dropped: int
+    metrics: Dict[str, Tensor]  # the entropy / token-accuracy fields of the output, [] each
+
+
+def _check_empty_pairs(empty: Tensor, policy: str, compiling: bool) -> None:
+    if compiling:
+        torch._assert_async(~empty.any(), "a pair has a sequence with no response token")
+    elif bool(empty.any()):
+        if policy == "error":
+            pairs = empty.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"{int(empty.sum())} pair(s) have a sequence with no response "
+                             f"token (first pairs {pairs}); pass empty_sequences='drop' to "
+                             "drop them")
+        if bool(empty.all()):
+            raise ValueError("every pair has an empty sequence; nothing to train on")
+
+
+def _pack(hidden, weight, targets, seq_index, ref_logps, *, bias, softcap, temperature,
+          ignore_index, num_pairs, empty_sequences, impl) -> _Packed:
+    """Validates the arguments of :func:`fused_preference_loss` (ValueError naming the
+    argument) and returns the batch flattened, with lengths and empty pairs."""
+    if empty_sequences not in _EMPTY_POLICIES:
+        raise ValueError(f"empty_sequences must be one of {_EMPTY_POLICIES}, got "
+                         f"{empty_sequences!r}")
+    # While torch.compile traces: one graph (no value-dependent branch), the memory-flat path,
+    # no empty-pair dropping (it changes shapes); an empty pair fails a runtime assert.
+    compiling = torch.compiler.is_compiling()
+    if compiling and empty_sequences == "drop":
+        raise ValueError("empty_sequences='drop' changes the batch's shape and cannot be "
+                         "traced by torch.compile; drop such pairs before the loss")
+    if not isinstance(targets, Tensor):
+        raise ValueError("targets must be a tensor")
+    targets = targets.reshape(-1)
+    seq_index = seq_index.reshape(-1) if isinstance(seq_index, Tensor) else seq_index
+    b = _check_seq_inputs(targets, seq_index, ref_logps, num_pairs, ignore_index)
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a tensor [N, D]")
+    h2, w, targets, head = prepare_inputs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias, ignore_index=ignore_index,
+        softcap=softcap, temperature=temperature, impl=impl)
+    valid = targets != ignore_index
+    seq = torch.where(valid, seq_index.to(torch.int64), torch.zeros_like(targets))
+    dev = targets.device
+    lengths = torch.zeros(2 * b, dtype=torch.int64, device=dev).index_add(
+        0, seq, valid.to(torch.int64))
+    empty = (lengths[:b] == 0) | (lengths[b:] == 0)
+    _check_empty_pairs(empty, empty_sequences, compiling)
+    ref = ref_logps.to(device=dev, dtype=torch.float32) if ref_logps is not None else None
+    return _Packed(h2, w, bias, targets, seq, valid, b, lengths, empty, ref, head)
+
+
+def _scratch_chunks(batch: _Packed, max_scratch_bytes, loss_type
+                    ) -> Tuple[List[Tuple[int, int]], int]:
+    """The engine choice: (chunks of pairs, budget) for the scratch engine, or ([], 0) for
+    the memory-flat path (see ``max_scratch_bytes`` in :func:`fused_preference_loss`)."""
+    if torch.compiler.is_compiling():
+        return [], 0
+    if isinstance(max_scratch_bytes, str):
+        if max_scratch_bytes != "auto":
+            raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
+                             f"{max_scratch_bytes!r}")
+        max_scratch_bytes = DEFAULT_CPU_SCRATCH_BYTES if batch.head.impl == "cpu" else None
+    if max_scratch_bytes is None:
+        return [], 0
+    if not (isinstance(max_scratch_bytes, int) and not isinstance(max_scratch_bytes, bool)
+            and max_scratch_bytes > 0):
+        raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
+                         f"{max_scratch_bytes!r}")
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    # Forming the gradient in the forward only pays when a gradient is wanted.
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (batch.hidden, batch.weight, batch.bias))
+    if not (wants_grad and not bool(batch.empty.any()) and all(t in PAIR_SEPARABLE
+                                                               for t in types)):
+        return [], 0
+    # Empty when a pair's logits exceed the budget (torch engine): the memory-flat path runs.
+    chunks = pair_chunks(batch.lengths, batch.b, batch.weight.shape[0], max_scratch_bytes,
+                         partial=batch.head.impl == "cpu")
+    return chunks, max_scratch_bytes
+
+
+def _scratch_loss(batch: _Packed, chunks: List[Tuple[int, int]], budget: int,
+                  loss_kwargs: Dict[str, Any]) -> _LossParts:
+    """The scratch engine: gradients formed during the forward, per chunk of pairs."""
+    b, lengths = batch.b, batch.lengths
+    res = scratch_preference_loss(batch.hidden, batch.weight, batch.bias, ScratchPlan(
+        targets=batch.targets, seq=batch.seq, b=b, ref=batch.ref, lengths=lengths,
+        head=batch.head, chunks=tuple(chunks), budget=budget, loss_kwargs=loss_kwargs))
+    rc_, rr_ = res.chosen_rewards, res.rejected_rewards
+    pref = PreferenceLossOutput(
+        loss=res.loss, losses=res.losses, terms=(res.losses,), chosen_rewards=rc_,
+        rejected_rewards=rr_, margins=rc_ - rr_, accuracies=(rc_ > rr_).float())
+    n_c, n_r = lengths[:b].sum(), lengths[b:].sum()
+    metrics = dict(
+        chosen_entropy=(res.ent_sum[:b].sum() / n_c).float(),
+        rejected_entropy=(res.ent_sum[b:].sum() / n_r).float(),
+        chosen_token_accuracy=(res.hit_sum[:b].sum() / n_c).float(),
+        rejected_token_accuracy=(res.hit_sum[b:].sum() / n_r).float())
+    return _LossParts(pref, res.seq_logps, ~batch.empty, 0, metrics)
+
+
+def _uses_triton_sigmoid(batch: _Packed, loss_kwargs: Dict[str, Any]) -> bool:
+    """Plain (c)DPO sigmoid with a reference on a Triton backend: the one-launch kernel."""
+    return (batch.head.impl in TRITON_IMPLS and batch.ref is not None
+            and loss_kwargs["loss_type"] == "sigmoid" and loss_kwargs["loss_weights"] is None
+            and len(loss_kwargs) == 4)  # no type-specific argument
+
+
+def _flat_loss(batch: _Packed, loss_kwargs: Dict[str, Any]) -> _LossParts:
+    """The memory-flat path: one custom op (O(N + tile) memory), then the preference loss on
+    the kept pairs."""
+    compiling = torch.compiler.is_compiling()
+    b, lengths, empty, valid, seq = batch.b, batch.lengths, batch.empty, batch.valid, batch.seq
+    policy_logps, logp, ent, row_max, log_sum = _seq_fwd(
+        batch.hidden, batch.weight, batch.bias, batch.targets, seq, num_seqs=2 * b,
+        **batch.head.op_kwargs())
+    kept = ~empty
+    idx = slice(None) if compiling or not bool(empty.any()) else kept.nonzero().flatten()
+    pc, pr = policy_logps[:b][idx], policy_logps[b:][idx]
+    rc, rr = (batch.ref[:b][idx], batch.ref[b:][idx]) if batch.ref is not None else (None, None)
+    if _uses_triton_sigmoid(batch, loss_kwargs):
+        pref = _triton_sigmoid(pc, pr, rc, rr, float(loss_kwargs["beta"]),
+                               float(loss_kwargs["label_smoothing"]))
+    else:
+        pref = preference_loss(pc, pr, rc, rr, chosen_lengths=lengths[:b][idx],
+                               rejected_lengths=lengths[b:][idx], **loss_kwargs)
+
+    with torch.no_grad():
+        # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
+        hit = (logp == -log_sum) & valid
+        chosen_tok = valid & (seq < b)
+        rejected_tok = valid & (seq >= b)
+
+        def _mean(x: Tensor, m: Tensor) -> Tensor:  # NaN over no token; no host sync
+            k = m.sum()
+            return torch.where(k > 0, (x * m).sum() / k.clamp(min=1), math.nan)
+
+        metrics = dict(
+            chosen_entropy=_mean(ent, chosen_tok),
+            rejected_entropy=_mean(ent, rejected_tok),
+            chosen_token_accuracy=_mean(hit.float(), chosen_tok),
+            rejected_token_accuracy=_mean(hit.float(), rejected_tok),
+        )
+    return _LossParts(pref, policy_logps.detach(), kept,
+                      0 if compiling else int(empty.sum()), metrics)
 
 
 def fused_preference_loss(
@@ -305,133 +484,22 @@ def fused_preference_loss(
     Returns:
         :class:`FusedPreferenceOutput`.
     """
-    if empty_sequences not in _EMPTY_POLICIES:
-        raise ValueError(f"empty_sequences must be one of {_EMPTY_POLICIES}, got "
-                         f"{empty_sequences!r}")
-    # While torch.compile traces: one graph (no value-dependent branch), the memory-flat path,
-    # no empty-pair dropping (it changes shapes); an empty pair fails a runtime assert.
-    compiling = torch.compiler.is_compiling()
-    if compiling and empty_sequences == "drop":
-        raise ValueError("empty_sequences='drop' changes the batch's shape and cannot be "
-                         "traced by torch.compile; drop such pairs before the loss")
-    if not isinstance(targets, Tensor):
-        raise ValueError("targets must be a tensor")
-    targets = targets.reshape(-1)
-    seq_index = seq_index.reshape(-1) if isinstance(seq_index, Tensor) else seq_index
-    b = _check_seq_inputs(targets, seq_index, ref_logps, num_pairs, ignore_index)
-
-    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
-        raise ValueError("hidden must be a tensor [N, D]")
-    h2, w, targets, name = prepare_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
-                                          bias, ignore_index, softcap, temperature, impl)
-
-    valid = targets != ignore_index
-    seq = torch.where(valid, seq_index.to(torch.int64), torch.zeros_like(targets))
-    n_seq = 2 * b
-    dev = targets.device
-    lengths = torch.zeros(n_seq, dtype=torch.int64, device=dev).index_add(
-        0, seq, valid.to(torch.int64))
-    empty = (lengths[:b] == 0) | (lengths[b:] == 0)
-    if compiling:
-        torch._assert_async(~empty.any(), "a pair has a sequence with no response token")
-    elif bool(empty.any()):
-        if empty_sequences == "error":
-            pairs = empty.nonzero().flatten()[:5].tolist()
-            raise ValueError(f"{int(empty.sum())} pair(s) have a sequence with no response "
-                             f"token (first pairs {pairs}); pass empty_sequences='drop' to "
-                             "drop them")
-        if bool(empty.all()):
-            raise ValueError("every pair has an empty sequence; nothing to train on")
-    cap = None if softcap is None else float(softcap)
-
-    if compiling:
-        max_scratch_bytes = None
-    if isinstance(max_scratch_bytes, str):
-        if max_scratch_bytes != "auto":
-            raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
-                             f"{max_scratch_bytes!r}")
-        max_scratch_bytes = DEFAULT_CPU_SCRATCH_BYTES if name == "cpu" else None
-    if max_scratch_bytes is not None:
-        if not (isinstance(max_scratch_bytes, int) and not isinstance(max_scratch_bytes, bool)
-                and max_scratch_bytes > 0):
-            raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "
-                             f"{max_scratch_bytes!r}")
-        types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-        chunks = []
-        # Forming the gradient in the forward only pays when a gradient is wanted.
-        wants_grad = torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (hidden, weight, bias))
-        if wants_grad and not bool(empty.any()) and all(t in PAIR_SEPARABLE for t in types):
-            chunks = pair_chunks(lengths, b, weight.shape[0], max_scratch_bytes,
-                                 partial=name == "cpu")
-        if chunks:
-            ref = ref_logps.to(device=dev, dtype=torch.float32) if ref_logps is not None else None
-            loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
-                               label_smoothing=label_smoothing, **type_specific)
-            loss, st = scratch_preference_loss(
-                h2, w, bias, targets, seq, b, ref, lengths, ignore_index=ignore_index,
-                softcap=cap, inv_temperature=1.0 / float(temperature), chunks=chunks,
-                loss_kwargs=loss_kwargs, engine="cpu" if name == "cpu" else "torch",
-                budget=max_scratch_bytes)
-            rc_, rr_ = st["chosen_rewards"], st["rejected_rewards"]
-            pref = PreferenceLossOutput(
-                loss=loss, losses=st["losses"], terms=(st["losses"],), chosen_rewards=rc_,
-                rejected_rewards=rr_, margins=rc_ - rr_, accuracies=(rc_ > rr_).float())
-            n_c, n_r = lengths[:b].sum(), lengths[b:].sum()
-            return FusedPreferenceOutput(
-                loss=loss, losses=pref.losses, chosen_rewards=rc_, rejected_rewards=rr_,
-                margins=pref.margins, accuracies=pref.accuracies,
-                policy_logps=st["seq_logps"], lengths=lengths, kept=~empty, num_dropped=0,
-                chosen_entropy=(st["ent_sum"][:b].sum() / n_c).float(),
-                rejected_entropy=(st["ent_sum"][b:].sum() / n_r).float(),
-                chosen_token_accuracy=(st["hit_sum"][:b].sum() / n_c).float(),
-                rejected_token_accuracy=(st["hit_sum"][b:].sum() / n_r).float(),
-                preference=pref)
-        # Otherwise (a batch-coupled type such as aot, a dropped pair, or a pair whose logits
-        # exceed the budget) the memory-flat path below runs.
-
-    policy_logps, logp, ent, row_max, log_sum = _seq_fwd(
-        h2, w, bias, targets, seq, n_seq, ignore_index, cap, 1.0 / float(temperature), name)
-    kept = ~empty
-    idx = slice(None) if compiling or not bool(empty.any()) else kept.nonzero().flatten()
-    pc, pr = policy_logps[:b][idx], policy_logps[b:][idx]
-    lc, lr = lengths[:b][idx], lengths[b:][idx]
-    if ref_logps is not None:
-        ref = ref_logps.to(device=dev, dtype=torch.float32)
-        rc, rr = ref[:b][idx], ref[b:][idx]
-    else:
-        rc = rr = None
-    if (name in TRITON_IMPLS and loss_type == "sigmoid" and rc is not None and not type_specific
-            and loss_weights is None):
-        pref = _triton_sigmoid(pc, pr, rc, rr, float(beta), float(label_smoothing))
-    else:
-        pref = preference_loss(
-            pc, pr, rc, rr, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
-            label_smoothing=label_smoothing, chosen_lengths=lc, rejected_lengths=lr,
-            **type_specific,
-        )
-
-    with torch.no_grad():
-        # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
-        hit = (logp == -log_sum) & valid
-        chosen_tok = valid & (seq < b)
-        rejected_tok = valid & (seq >= b)
-
-        def _mean(x: Tensor, m: Tensor) -> Tensor:  # NaN over no token; no host sync
-            k = m.sum()
-            return torch.where(k > 0, (x * m).sum() / k.clamp(min=1), math.nan)
-
-        stats = dict(
-            chosen_entropy=_mean(ent, chosen_tok),
-            rejected_entropy=_mean(ent, rejected_tok),
-            chosen_token_accuracy=_mean(hit.float(), chosen_tok),
-            rejected_token_accuracy=_mean(hit.float(), rejected_tok),
-        )
+    batch = _pack(hidden, weight, targets, seq_index, ref_logps, bias=bias, softcap=softcap,
+                  temperature=temperature, ignore_index=ignore_index, num_pairs=num_pairs,
+                  empty_sequences=empty_sequences, impl=impl)
+    loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+                       label_smoothing=label_smoothing, **type_specific)
+    chunks, budget = _scratch_chunks(batch, max_scratch_bytes, loss_type)
+    # No chunks (no budget, no gradient wanted, a batch-coupled type such as aot, a dropped
+    # pair, or a pair whose logits exceed the budget): the memory-flat path runs.
+    parts = (_scratch_loss(batch, chunks, budget, loss_kwargs) if chunks
+             else _flat_loss(batch, loss_kwargs))
+    pref = parts.pref
     return FusedPreferenceOutput(
         loss=pref.loss, losses=pref.losses, chosen_rewards=pref.chosen_rewards,
         rejected_rewards=pref.rejected_rewards, margins=pref.margins,
-        accuracies=pref.accuracies, policy_logps=policy_logps.detach(), lengths=lengths,
-        kept=kept, num_dropped=0 if compiling else int(empty.sum()), preference=pref, **stats,
+        accuracies=pref.accuracies, policy_logps=parts.policy_logps, lengths=batch.lengths,
+        kept=parts.kept, num_dropped=parts.num_dropped, preference=pref, **parts.metrics,
     )
 
 

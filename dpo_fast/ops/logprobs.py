@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import logprobs_torch
+from ..kernels.options import HeadOptions
 
 IMPLS = ("auto", "triton", "triton_fused", "cpu", "torch")
 TRITON_IMPLS = ("triton", "triton_fused")
@@ -112,7 +113,9 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def _backend(name: str):
+def backend_module(name: str):
+    """The backend module of a resolved impl name (see :func:`prepare_inputs`): it has
+    ``logprobs_forward`` / ``logprobs_backward`` (contract: ``kernels/logprobs_torch.py``)."""
     if name in TRITON_IMPLS:
         return _triton_backend(name)
     if name == "cpu":
@@ -121,6 +124,9 @@ def _backend(name: str):
 
 
 # ------------------------------------------------------------------- torch.library ops
+# The options travel as one HeadOptions value; the custom-op schemas take its fields as
+# keyword-only arguments (HeadOptions.op_kwargs), so the autograd formulas return gradients
+# for the tensor inputs only.
 
 
 # Forward outputs: logp, lse, entropy, and for the backward the row max m and
@@ -128,17 +134,11 @@ def _backend(name: str):
 # fp32 accuracy at large |z|; see logprobs_torch).
 @torch.library.custom_op("dpo_fast::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    ignore_index: int,
-    softcap: Optional[float],
-    inv_temperature: float,
-    with_entropy: bool,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
+    with_entropy: bool, ignore_index: int, softcap: Optional[float], inv_temperature: float,
     impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    logp, row_max, ent, log_sum = _backend(impl).logprobs_forward(
+    logp, row_max, ent, log_sum = backend_module(impl).logprobs_forward(
         hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
         inv_temperature=inv_temperature, with_entropy=with_entropy,
     )
@@ -146,7 +146,7 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, with_entropy, impl):
+def _(hidden, weight, bias, targets, *, with_entropy, **_opts):
     n = targets.shape[0]
     out = hidden.new_empty((n,), dtype=torch.float32)
     ent = hidden.new_empty((n if with_entropy else 0,), dtype=torch.float32)
@@ -155,29 +155,23 @@ def _(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, wit
 
 @torch.library.custom_op("dpo_fast::linear_logprobs_bwd", mutates_args=())
 def _bwd_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    row_max: Tensor,
-    log_sum: Tensor,
-    entropy: Optional[Tensor],
-    grad_logp: Optional[Tensor],
-    grad_lse: Optional[Tensor],
-    grad_entropy: Optional[Tensor],
-    ignore_index: int,
-    softcap: Optional[float],
-    inv_temperature: float,
-    impl: str,
-    need_dh: bool,
-    need_dw: bool,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, row_max: Tensor,
+    log_sum: Tensor, entropy: Optional[Tensor], grad_logp: Optional[Tensor],
+    grad_lse: Optional[Tensor], grad_entropy: Optional[Tensor], *,
+    need_dh: bool, need_dw: bool, ignore_index: int, softcap: Optional[float],
+    inv_temperature: float, impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    dh, dw, db = _backend(impl).logprobs_backward(
+    dh, dw, db = backend_module(impl).logprobs_backward(
         hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
         grad_entropy, ignore_index=ignore_index, softcap=softcap, inv_temperature=inv_temperature,
         need_dh=need_dh, need_dw=need_dw,
     )
     return grads_or_empty(hidden, dh, dw, db)
+
+
+@_bwd_op.register_fake
+def _(hidden, weight, bias, *_tensors, need_dh, need_dw, **_opts):
+    return fake_grads(hidden, weight, bias, need_dh, need_dw)
 
 
 def grads_or_empty(hidden: Tensor, *grads: Optional[Tensor]) -> Tuple[Tensor, ...]:
@@ -193,37 +187,36 @@ def fake_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_dh: 
             torch.empty_like(weight) if need_dw else hidden.new_empty((0,)), db)
 
 
-@_bwd_op.register_fake
-def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse, grad_entropy,
-      ignore_index, softcap, inv_temperature, impl, need_dh, need_dw):
-    return fake_grads(hidden, weight, bias, need_dh, need_dw)
+def head_grads(ctx, bias: Optional[Tensor], dh: Tensor, dw: Tensor, db: Tensor,
+               n_other: int) -> Tuple[Optional[Tensor], ...]:
+    """What an autograd formula over (hidden, weight, bias, *``n_other`` more tensor inputs)
+    returns: each gradient where its input needs one, else None; None for the others."""
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dw if need[1] else None,
+            db if bias is not None and need[2] else None) + (None,) * n_other
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (e.g. entropy for logging) cost nothing
-    hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, with_entropy, impl = inputs
+    hidden, weight, bias, targets = inputs
+    kw = dict(keyword_only_inputs)
+    ctx.with_entropy = kw.pop("with_entropy")
+    ctx.opts = HeadOptions(**kw)
     _, _, ent, row_max, log_sum = output
     ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, ent)
-    ctx.opts = (ignore_index, softcap, inv_temperature, with_entropy, impl)
 
 
 def _backward(ctx, g_logp, g_lse, g_ent, _g_max, _g_log_sum):
     hidden, weight, bias, targets, row_max, log_sum, ent = ctx.saved_tensors
-    ignore_index, softcap, inv_temperature, with_entropy, impl = ctx.opts
-    if not with_entropy:
+    if not ctx.with_entropy:
         g_ent, ent = None, None
     # A frozen input (e.g. the LM head under LoRA) gets no GEMM.
     dh, dw, db = _bwd_op(
         hidden, weight, bias, targets, row_max, log_sum, ent, g_logp, g_lse, g_ent,
-        ignore_index, softcap, inv_temperature, impl, ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
+        need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+        **ctx.opts.op_kwargs(),
     )
-    return (
-        dh if ctx.needs_input_grad[0] else None,
-        dw if ctx.needs_input_grad[1] else None,
-        db if bias is not None and ctx.needs_input_grad[2] else None,
-        None, None, None, None, None, None,
-    )
+    return head_grads(ctx, bias, dh, dw, db, 1)
 
 
 torch.library.register_autograd(
@@ -296,9 +289,11 @@ def check_head_options(softcap, temperature) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
-def prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl):
+def prepare_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], *,
+                   ignore_index: int, softcap: Optional[float], temperature: float,
+                   impl: str) -> Tuple[Tensor, Tensor, Tensor, HeadOptions]:
     """Validates the op's inputs and returns ``(hidden [N, D], weight [V, D], targets [N]
-    int64, backend name)``: flattened, contiguous, with ``impl`` resolved for the device
+    int64, HeadOptions)``: flattened, contiguous, with ``impl`` resolved for the device
     (and "cpu" falling back to "torch", with one warning, when the extension is missing)."""
     _check_inputs(hidden, weight, targets, bias, ignore_index, softcap, temperature, impl)
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -311,19 +306,10 @@ def prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap, tempera
     name = _resolve_impl(impl, hidden.device)
     if name == "cpu" and _cpu_backend() is None:
         name = "torch"
-    return h2, w, t1, name
-
-
-def _linear_logprobs_flat(hidden, weight, targets, bias, ignore_index, softcap, temperature,
-                          with_entropy, impl):
-    """Checked, flattened call of the op: (logp, lse, entropy, row_max, log_sum), each [N]
-    (entropy [0] unless ``with_entropy``). Only logp / lse / entropy carry gradients."""
-    h2, w, t1, name = prepare_inputs(hidden, weight, targets, bias, ignore_index, softcap,
-                                     temperature, impl)
-    return _fwd_op(
-        h2, w, bias, t1, ignore_index, None if softcap is None else float(softcap),
-        1.0 / float(temperature), bool(with_entropy), name,
-    )
+    opts = HeadOptions(ignore_index=ignore_index,
+                       softcap=None if softcap is None else float(softcap),
+                       inv_temperature=1.0 / float(temperature), impl=name)
+    return h2, w, t1, opts
 
 
 def linear_logprobs(
@@ -364,8 +350,10 @@ def linear_logprobs(
         differentiable too; the unrequested one is None).
     """
     lead = targets.shape
-    logp, lse, ent, _, _ = _linear_logprobs_flat(
-        hidden, weight, targets, bias, ignore_index, softcap, temperature, return_entropy, impl)
+    h2, w, t1, opts = prepare_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                                     softcap=softcap, temperature=temperature, impl=impl)
+    logp, lse, ent, _, _ = _fwd_op(h2, w, bias, t1, with_entropy=bool(return_entropy),
+                                   **opts.op_kwargs())
     logp = logp.view(lead)
     if not (return_lse or return_entropy):
         return logp

@@ -57,7 +57,7 @@ numerics on each rank: same device type and thread count). Under torch.distribut
 holds the directory's lock for the whole job.
 """
 
-from .build import BuildProgress
+from .progress import BuildProgress
 from .cache import RefLogProbCache
 from .fingerprint import FINGERPRINT_FIELDS, WEIGHT_METHODS, fingerprint, tokenizer_hash
 from .store import (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -13,11 +12,12 @@ import torch
 from torch import Tensor
 
 from ..data import KEY_BYTES, PreferenceExample
-from . import build as _build
 from . import store
-from .build import BuildProgress
+from .build import DEFAULT_CHECKPOINT_SECONDS, BuildOptions, run_build
 from .fingerprint import allowed_fields, check_fingerprint
-from .store import MANIFEST, PART_NAME, CorruptCacheError, MissingRowsError, RefCacheError
+from .progress import BuildProgress
+from .rewrite import compact_locked, merge_parts_locked
+from .store import MANIFEST, CorruptCacheError, MissingRowsError, RefCacheError
 
 # How often open() re-reads a cache that a writer replaced while it was being read.
 _OPEN_ATTEMPTS = 20
@@ -100,7 +100,7 @@ class RefLogProbCache:
 
     @staticmethod
     def _arrays(path: Path, shards: List[Dict[str, Any]], per_token: bool):
-        parts, _ = _build.load_rows(path, shards, per_token)
+        parts, _ = store.load_rows(path, shards, per_token)
         tokens = [(a["token_logps"], a["token_offsets"]) for a in parts] if per_token else None
         for s, (a, rec) in enumerate(zip(parts, shards)):
             a["row_shard"] = np.full(rec["rows"], s, dtype=np.int32)
@@ -155,7 +155,7 @@ class RefLogProbCache:
             except FileNotFoundError:
                 raise FileNotFoundError(f"no reference cache at {path} (no {MANIFEST})") from None
             man = store.parse_manifest(raw, path / MANIFEST)
-            done, shards = _build.complete_part(man, path)
+            done, shards = store.complete_part(man, path)
             if man["builds"] and not done:
                 raise RefCacheError(
                     f"the reference cache at {path} is incomplete (its first build is "
@@ -294,7 +294,7 @@ class RefLogProbCache:
               progress: Optional[Callable[[BuildProgress], None]] = None,
               rank: Optional[int] = None, world_size: Optional[int] = None,
               overwrite: bool = False, verify_head: bool = True,
-              checkpoint_seconds: Optional[float] = _build.DEFAULT_CHECKPOINT_SECONDS,
+              checkpoint_seconds: Optional[float] = DEFAULT_CHECKPOINT_SECONDS,
               lock_timeout: Optional[float] = None,
               on_lock_wait: Optional[Callable[[str], None]] = None,
               compact: Union[bool, str] = "auto", repair: bool = False,
@@ -356,14 +356,14 @@ class RefLogProbCache:
             :class:`FingerprintMismatchError`), unless ``overwrite``; if ``path`` is a file or
             cannot be written while rows are missing; :class:`CacheLockedError`.
         """
-        return _build.run_build(
-            cls, "build", model, examples, path, batch_tokens=batch_tokens,
-            fingerprint=fingerprint, tokenizer=tokenizer, max_length=max_length, dtype=dtype,
-            softcap=softcap, temperature=temperature, per_token=per_token,
-            rows_per_shard=rows_per_shard, progress=progress, rank=rank, world_size=world_size,
-            overwrite=overwrite, verify_head=verify_head, checkpoint_seconds=checkpoint_seconds,
-            lock_timeout=lock_timeout, on_lock_wait=on_lock_wait, compact=compact,
-            repair=repair, allow_empty=allow_empty)
+        options = BuildOptions(
+            batch_tokens=batch_tokens, fingerprint=fingerprint, tokenizer=tokenizer,
+            max_length=max_length, dtype=dtype, softcap=softcap, temperature=temperature,
+            per_token=per_token, rows_per_shard=rows_per_shard, progress=progress, rank=rank,
+            world_size=world_size, overwrite=overwrite, verify_head=verify_head,
+            checkpoint_seconds=checkpoint_seconds, lock_timeout=lock_timeout,
+            on_lock_wait=on_lock_wait, compact=compact, repair=repair, allow_empty=allow_empty)
+        return run_build(cls, "build", model, examples, path, options)
 
     @classmethod
     def ensure(cls, model, examples: Iterable[PreferenceExample], path, **kwargs
@@ -378,7 +378,7 @@ class RefLogProbCache:
         directory that cannot be written (read-only file system) it succeeds without writing
         anything if the cache already holds every example.
         """
-        return _build.run_build(cls, "ensure", model, examples, path, **kwargs)
+        return run_build(cls, "ensure", model, examples, path, BuildOptions(**kwargs))
 
     @classmethod
     def compact(cls, path, *, rows_per_shard: int = 4096, lock_timeout: Optional[float] = None,
@@ -397,7 +397,7 @@ class RefLogProbCache:
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"no reference cache at {path} (no {MANIFEST})")
         with store.hold_lock(path, lock_timeout, on_lock_wait):
-            _build.compact_locked(path, rows_per_shard)
+            compact_locked(path, rows_per_shard)
             return cls.open(path)
 
     @classmethod
@@ -413,64 +413,5 @@ class RefLogProbCache:
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         with store.hold_lock(path):
-            return cls._merge_locked(path, world_size)
-
-    @classmethod
-    def _merge_locked(cls, path: Path, world_size: int) -> "RefLogProbCache":
-        man = store.read_manifest(path)
-        part_dirs = [path / PART_NAME.format(r) for r in range(world_size)]
-        if man is not None and man.get("complete") and not any(d.exists() for d in part_dirs):
-            return cls.open(path)  # already merged
-        parts = []
-        for r, d in enumerate(part_dirs):
-            pm = store.read_json(d / MANIFEST, f"manifest of rank {r}'s part")
-            if pm.get("part") != {"rank": r, "world_size": world_size}:
-                raise RefCacheError(f"{d}: written by {pm.get('part')}, expected rank {r} of "
-                                    f"{world_size}")
-            if not pm["build"]["complete"]:
-                raise RefCacheError(f"{d} is incomplete: rank {r} has not finished its shards")
-            parts.append(pm)
-        p0 = parts[0]
-        for r, pm in enumerate(parts[1:], 1):
-            for field in ("fingerprint", "per_token", "build", "base", "generation"):
-                if pm.get(field) != p0.get(field):
-                    raise RefCacheError(f"rank {r}'s part differs from rank 0's in {field!r} "
-                                        "(ranks must build the same examples with the same "
-                                        "settings)")
-        gen = int(p0.get("generation", 0))
-        base_builds: List[Dict[str, Any]] = []
-        base_shards: List[Dict[str, Any]] = []
-        if man is not None:
-            check_fingerprint(man["fingerprint"], p0["fingerprint"], path)
-            base_builds, base_shards = _build.complete_part(man, path)
-            if int(man.get("generation", 0)) != gen:
-                raise RefCacheError(f"{path}: the cache was compacted since the parts were "
-                                    "planned; rebuild the parts")
-        if [b["plan_sha256"] for b in base_builds] != p0["base"]:
-            raise RefCacheError(f"{path}: the cache changed since the parts were planned "
-                                "(different completed builds); rebuild the parts")
-        build = p0["build"]
-        first, n = build["first_shard"], build["num_shards"]
-        records = sorted((s for pm in parts for s in pm["shards"]), key=lambda s: s["index"])
-        if [s["index"] for s in records] != list(range(first, first + n)):
-            raise RefCacheError(f"the parts hold shards {[s['index'] for s in records]}, "
-                                f"expected {first}..{first + n - 1} once each")
-        for rec in records:
-            src = part_dirs[(rec["index"] - first) % world_size] / rec["file"]
-            dst = path / rec["file"]
-            if src.exists():
-                store.read_shard(src.parent, rec)
-                src.replace(dst)
-            else:  # moved by an earlier, interrupted merge
-                store.read_shard(path, rec)
-        store.fsync_dir(path)
-        new = _build.new_manifest(p0["fingerprint"], p0["per_token"], gen)
-        new["builds"] = base_builds + [dict(build, complete=True)]
-        new["shards"] = base_shards + records
-        store.write_manifest(path, new)
-        for d in part_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        store.remove_temps(path)
-        store.remove_unlisted(path, (s["file"] for s in new["shards"]))
-        store.fsync_dir(path)
-        return cls.open(path)
+            merge_parts_locked(path, world_size)
+            return cls.open(path)

@@ -258,6 +258,49 @@ def read_shard(d: Path, rec: Dict[str, Any]) -> Dict[str, np.ndarray]:
     return arrays
 
 
+def load_rows(path: Path, shards: List[Dict[str, Any]], per_token: bool, *,
+              skip_corrupt: bool = False):
+    """Reads (and verifies) ``shards``: ``(parts, bad)`` where ``parts`` are the shards'
+    arrays in order and ``bad`` the records of corrupt shards (only with ``skip_corrupt``;
+    otherwise the first one raises)."""
+    parts, bad = [], []
+    for rec in shards:
+        try:
+            a = read_shard(path, rec)
+        except CorruptCacheError:
+            if not skip_corrupt:
+                raise
+            bad.append(rec)
+            continue
+        if per_token and "token_logps" not in a:
+            raise corrupt_shard(f"shard {path / rec['file']}: per-token cache without "
+                                "'token_logps'")
+        parts.append(a)
+    return parts, bad
+
+
+# ----------------------------------------------------------------------------- manifest contents
+
+
+def new_manifest(fp: Dict[str, Any], per_token: bool, generation: int = 0) -> Dict[str, Any]:
+    """An empty (complete) cache manifest with fingerprint ``fp``."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp,
+            "per_token": per_token, "key": KEY_DEFINITION, "logprob_version": LOGPROB_VERSION,
+            "builds": [], "shards": [], "segments": [], "generation": generation,
+            "complete": True}
+
+
+def complete_part(man: Dict[str, Any], where: Path) -> Tuple[List[Dict[str, Any]],
+                                                             List[Dict[str, Any]]]:
+    """(completed builds, their shards) of a manifest: what a reader may use."""
+    builds = man["builds"]
+    if any(not b["complete"] for b in builds[:-1]):
+        raise corrupt_manifest(f"{where / MANIFEST}: only the last build may be incomplete")
+    done = [b for b in builds if b["complete"]]
+    n = sum(b["num_shards"] for b in done)
+    return done, [s for s in man["shards"] if s["index"] < n]
+
+
 # ----------------------------------------------------------------------------- shard bytes
 
 

@@ -22,6 +22,16 @@ class TrainerCallback:
     def on_train_begin(self, trainer, state) -> None:
         """The loop is about to run its first step (after any resume)."""
 
+    def on_step_begin(self, trainer, state, pairs) -> None:
+        """An optimizer step starts on the train pairs ``pairs`` (indices into
+        ``trainer.train_data.examples``, all ranks' pairs)."""
+
+    def on_micro_batch(self, trainer, state, batch, out):
+        """A micro-batch's loss was computed (``batch``: :class:`~dpo_fast.train.batching.
+        MicroBatch`, ``out``: :class:`~dpo_fast.FusedPreferenceOutput`), before its backward
+        (in training) or its metrics (held-out). Return a replacement output to change what
+        the step uses, or None to keep it."""
+
     def on_step_end(self, trainer, state) -> None:
         """An optimizer step finished (``state.global_step`` counts it)."""
 
@@ -65,13 +75,11 @@ class ProgressCallback(TrainerCallback):
             self.tok_bar = None
 
     def on_ref_progress(self, trainer, progress) -> None:
-        from tqdm.auto import tqdm
+        from ..progress import ProgressBar
 
         if self.ref_bar is None:
-            self.ref_bar = tqdm(total=progress.tokens_total, desc="reference log-probs",
-                                unit="tok", unit_scale=True, **self.kw)
-        self.ref_bar.n = progress.tokens_done
-        self.ref_bar.refresh()
+            self.ref_bar = ProgressBar(self.stream, label="reference log-probs")
+        self.ref_bar(progress)
         if progress.event == "done":
             self.ref_bar.close()
             self.ref_bar = None

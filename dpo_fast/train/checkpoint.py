@@ -271,6 +271,56 @@ def load_checkpoint(d: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     return state
 
 
+def step_of(d: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder (CheckpointError for another name)."""
+    try:
+        return int(Path(d).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{d}: not a checkpoint-<step> directory") from None
+
+
+def choose_resume(output_dir: Path, resume, dist) -> Optional[Path]:
+    """The checkpoint to resume from: ``resume`` True -> the newest that verifies, a path ->
+    that folder, None / False -> None. Under several processes every rank takes rank 0's
+    choice (``dist.broadcast_int``)."""
+    if resume is None or resume is False:
+        return None
+    d = find_resumable(output_dir) if resume is True else Path(resume)
+    if dist.active:
+        pick = dist.broadcast_int(-1 if d is None else step_of(d))
+        d = None if pick < 0 else (d if d is not None and step_of(d) == pick
+                                   else Path(output_dir) / f"checkpoint-{pick}")
+    return d
+
+
+def check_same_layout(d: Path, dist) -> None:
+    """A checkpoint resumes with the world size and strategy that wrote it."""
+    try:
+        st = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # verify_checkpoint reports it
+    world, strat = st.get("world_size", 1), st.get("strategy", "none")
+    if world != dist.world_size or (strat == "fsdp2") != (dist.strategy == "fsdp2"):
+        raise CheckpointError(
+            f"{d} was written by {world} process(es) with strategy={strat!r}; this run has "
+            f"{dist.world_size} with strategy={dist.strategy!r}. Resume with "
+            f"torchrun --nproc_per_node={world} and strategy={strat!r}")
+
+
+def restore(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            dist) -> Dict[str, Any]:
+    """:func:`load_checkpoint` after :func:`check_same_layout`; any other failure to restore
+    becomes a CheckpointError naming ``d``."""
+    check_same_layout(d, dist)
+    try:
+        return load_checkpoint(d, model, optimizer, scheduler,
+                               ctx=dist if dist.active else None)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{d}: cannot restore ({type(e).__name__}: {e})") from e
+
+
 def _load_full(d: Path, model, optimizer, load_file) -> None:
     weights = load_file(str(d / "model.safetensors"))
     params = dict(model.named_parameters())

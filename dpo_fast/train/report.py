@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..fileio import atomic_write
 from .callbacks import TrainerCallback
+from .rundir import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"  # the same name as dpo_fast.train.loop.METRICS_FILE
 PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
 

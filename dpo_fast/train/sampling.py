@@ -92,3 +92,40 @@ def score_all(scorer: Optional[Callable[[str], float]], texts: Sequence[str]
         return {}
     scores = [scorer(t) for t in texts]
     return {"scores": scores, "mean": float(sum(scores) / len(scores))}
+
+
+def pair_samples(tokenizer, prompts: Sequence[np.ndarray], before: List[str],
+                 after: List[str], scorer_name: Optional[str]):
+    """Per prompt ``{"prompt", "before", "after", "score_before", "score_after"}`` (the keys
+    that exist) and the mean scores before / after: ``(rows, mean_before, mean_after)``."""
+    if not before and not after:
+        return [], None, None
+    scorer = get_scorer(scorer_name)
+    sb, sa = score_all(scorer, before), score_all(scorer, after)
+    out = []
+    for i, p in enumerate(prompts):
+        row: Dict[str, object] = {"prompt": tokenizer.decode(p, skip_special_tokens=True)}
+        for name, texts, sc in (("before", before, sb), ("after", after, sa)):
+            if i < len(texts):
+                row[name] = texts[i]
+                if sc:
+                    row[f"score_{name}"] = sc["scores"][i]
+        out.append(row)
+    return out, sb.get("mean"), sa.get("mean")
+
+
+def scored_samples(tokenizer, prompts: Sequence[np.ndarray], texts: List[str],
+                   scorer_name: Optional[str]) -> Dict[str, object]:
+    """``{"samples": [{"prompt", "response", "score"?}], "sample_score_mean"?}`` (what
+    ``dpo-fast eval`` adds to its metrics)."""
+    scorer = get_scorer(scorer_name)
+    out: Dict[str, object] = {"samples": []}
+    for p, t in zip(prompts, texts):
+        row = {"prompt": tokenizer.decode(p, skip_special_tokens=True), "response": t}
+        if scorer is not None:
+            row["score"] = scorer(t)
+        out["samples"].append(row)
+    if scorer is not None:
+        out["sample_score_mean"] = sum(r["score"] for r in out["samples"]) / max(
+            1, len(out["samples"]))
+    return out

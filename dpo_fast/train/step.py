@@ -28,7 +28,7 @@ STAT_KEYS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "margins", "
              "entropy", "token_hits", "tokens")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadSpec:
     """How the fused op applies the head: ``softcap`` / ``temperature`` from the config
     (:func:`dpo_fast.models.head_settings`), compute dtype (None = the weight's), backend."""

@@ -1,29 +1,30 @@
-"""``dpo-fast train``, ``dpo-fast eval`` and ``dpo-fast info`` (``precompute`` is in cli.py).
+"""``dpo-fast train``: a DPO run from a :class:`dpo_fast.train.TrainConfig`, and the
+end-of-run report.
 
-``train`` parses :class:`dpo_fast.train.TrainConfig` with jsonargparse: a YAML file or a named
-preset (``--config``), then ``key=value`` overrides (or ``--key value``), each checked against
-the field's type. Without ``--config`` the base is the ``demo`` preset (the bundled SmolLM2 +
-Rotten Tomatoes run) only while the command line names neither ``model`` nor ``train_data``;
-a user's own run starts from TrainConfig's defaults and inherits nothing from the demo.
+The config is parsed with jsonargparse: a YAML file or a named preset (``--config``), then
+``key=value`` overrides (or ``--key value``), each checked against the field's type. Without
+``--config`` the base is the ``demo`` preset (the bundled SmolLM2 + Rotten Tomatoes run) only
+while the command line names neither ``model`` nor ``train_data``; a user's own run starts
+from TrainConfig's defaults and inherits nothing from the demo.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-PRESETS_DIR = Path(__file__).parent / "configs"
+from ..data import DATA_SUFFIXES
+from .errors import EXIT_USAGE, CliError
+
+NAME = "train"
+HELP = ("train a model with DPO (no arguments: the demo run; `dpo-fast train --help` lists "
+        "every setting)")
+PRESETS_DIR = Path(__file__).parent.parent / "configs"
 DEFAULT_PRESET = "demo"
-_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class UsageError(Exception):
-    """A bad command line or config: one message, exit status 2."""
 
 
 def presets() -> Dict[str, Path]:
@@ -31,14 +32,11 @@ def presets() -> Dict[str, Path]:
     return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
 
 
-# ----------------------------------------------------------------------------- train
-
-
-def train_parser():
+def parser():
     """The jsonargparse parser of ``dpo-fast train`` (every TrainConfig field)."""
     from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     p = ArgumentParser(
         prog="dpo-fast train", formatter_class=DefaultHelpFormatter, exit_on_error=False,
@@ -94,8 +92,8 @@ def _expand(argv: List[str]) -> Tuple[List[str], Optional[str]]:
             v = argv[i + 1]
             out += ["--config", str(names[v]) if v in names else v]
             if v not in names and not Path(v).is_file():
-                raise UsageError(f"--config {v}: no such file or preset (presets: "
-                                 f"{', '.join(names)})")
+                raise CliError(f"--config {v}: no such file or preset (presets: "
+                               f"{', '.join(names)})", code=EXIT_USAGE)
             base = v if v in names else base
             i += 2
             continue
@@ -118,22 +116,21 @@ def _expand(argv: List[str]) -> Tuple[List[str], Optional[str]]:
 
 
 def parse_train_args(argv: List[str]):
-    """(TrainConfig, quiet, debug) from a ``dpo-fast train`` command line; UsageError for an
-    unknown key, a wrong type, a bad value or a missing data file.
+    """(TrainConfig, quiet, debug) from a ``dpo-fast train`` command line; CliError (status 2)
+    for an unknown key, a wrong type, a bad value or a missing data file.
 
     The demo preset may start over in its own folder (its ``overwrite_output_dir``); moved
     to another ``output_dir`` it refuses a folder holding an earlier run, as every other run
     does, unless ``overwrite_output_dir`` is given."""
     from jsonargparse import ArgumentError
 
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
-    parser = train_parser()
     expanded, base = _expand(argv)
     try:
-        ns = parser.parse_args(expanded)
+        ns = parser().parse_args(expanded)
     except ArgumentError as e:
-        raise UsageError(_one_line_jsonargparse(str(e))) from None
+        raise CliError(_one_line_jsonargparse(str(e)), code=EXIT_USAGE) from None
     d = ns.as_dict()
     quiet, debug = d.pop("quiet"), d.pop("debug")
     d.pop("config", None)
@@ -145,11 +142,11 @@ def parse_train_args(argv: List[str]):
     try:
         cfg.validate()
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise CliError(str(e), code=EXIT_USAGE) from None
     for what in ("train_data", "eval_data"):
         v = getattr(cfg, what)
-        if isinstance(v, str) and v.lower().endswith(_DATA_SUFFIXES) and not Path(v).is_file():
-            raise UsageError(f"{what}={v}: no such file")
+        if isinstance(v, str) and v.lower().endswith(DATA_SUFFIXES) and not Path(v).is_file():
+            raise CliError(f"{what}={v}: no such file", code=EXIT_USAGE)
     return cfg, quiet, debug
 
 
@@ -159,7 +156,7 @@ def _one_line_jsonargparse(text: str) -> str:
     import difflib
     import re
 
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     text = " ".join(ln.strip() for ln in text.strip().splitlines() if ln.strip())
     keys: List[str] = []
@@ -177,10 +174,16 @@ def _one_line_jsonargparse(text: str) -> str:
     return f"unknown key {', '.join(hints)}; `dpo-fast train --help` lists every key"
 
 
-def train_command(argv: List[str], err: TextIO) -> int:
+def parse(argv: List[str]) -> argparse.Namespace:
+    """The command line, parsed when the command runs (:func:`parse_train_args`: its errors
+    exit with status 2 through the error map); ``debug`` is known at once."""
+    return argparse.Namespace(argv=list(argv), debug="--debug" in argv)
+
+
+def run(args: argparse.Namespace, err: TextIO, state: Dict[str, Any]) -> int:
     """Runs ``dpo-fast train``; returns the exit status."""
-    cfg, quiet, _ = parse_train_args(argv)
-    from .train import ProgressCallback, Trainer
+    cfg, quiet, _ = parse_train_args(args.argv)
+    from ..train import ProgressCallback, Trainer
 
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     callbacks = [] if quiet or not main else [ProgressCallback(err)]
@@ -196,12 +199,12 @@ def train_command(argv: List[str], err: TextIO) -> int:
     try:
         res = trainer.train()
     finally:
-        from .train.distributed import teardown
+        from ..train.distributed import teardown
 
         teardown(trainer.dist)
     err.flush()
     if main:
-        from .losses import NO_REFERENCE_TYPES
+        from ..losses import NO_REFERENCE_TYPES
 
         losses = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
         ref_is_policy = cfg.ref_model is None and not all(
@@ -209,6 +212,12 @@ def train_command(argv: List[str], err: TextIO) -> int:
         sys.stdout.write(report(res, time.perf_counter() - t0, ref_is_policy))
         sys.stdout.flush()
     return 0
+
+
+def interrupted(state: Dict[str, Any]) -> str:
+    """What to do after Ctrl-C."""
+    return ("interrupted; for train, `resume_from_checkpoint=true` continues from the last "
+            "checkpoint")
 
 
 class _LogLines:
@@ -282,140 +291,3 @@ def report(res, seconds: float, reference_is_policy: bool = False) -> str:
     if (out / "tensorboard").is_dir():
         lines.append(f"    tensorboard: tensorboard --logdir {out / 'tensorboard'}")
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- eval
-
-
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser(
-        "eval", help="held-out DPO loss, reward accuracy and margin of a model",
-        description="Evaluate a (trained) model on preference pairs against the reference "
-                    "cache: DPO loss, implicit-reward accuracy and margin; optionally sample "
-                    "responses and score them. A run directory written by `dpo-fast train` "
-                    "supplies its settings (config.yaml) and reference cache.")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="model folder (e.g. a train run's output_dir)")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="pairs: a data file or bundled:rotten-tomatoes/eval")
-    p.add_argument("--ref-cache", metavar="DIR", default=None,
-                   help="reference cache (default: <model>/ref_cache, or the run config's)")
-    p.add_argument("--ref-model", metavar="DIR", default=None,
-                   help="compute missing reference values with this model")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N pairs")
-    p.add_argument("--samples", type=int, default=0, metavar="N",
-                   help="also sample one response for N prompts")
-    p.add_argument("--scorer", choices=("vader",), default=None, help="score the samples")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-
-
-def eval_command(args, err: TextIO) -> int:
-    import yaml
-
-    from .train import TrainConfig, Trainer
-
-    model_dir = Path(args.model)
-    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise UsageError(f"--model {args.model}: not a model folder (no config.json)")
-    if args.data.lower().endswith(_DATA_SUFFIXES) and not Path(args.data).is_file():
-        raise UsageError(f"--data {args.data}: no such file")
-    run: Dict[str, Any] = {}
-    if (model_dir / "config.yaml").is_file():
-        run = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    keep = ("max_length", "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha",
-            "prompt_column", "chosen_column", "rejected_column", "truncation_mode",
-            "simpo_gamma", "cpo_alpha", "orpo_lambda", "discopop_tau", "unlikelihood_alpha",
-            "seed",
-            "sample_max_new_tokens", "sample_temperature")
-    cfg = TrainConfig(**{k: run[k] for k in keep if k in run})
-    cfg.model, cfg.train_data, cfg.eval_data = str(model_dir), args.data, args.data
-    cfg.max_eval_samples = args.limit
-    cfg.device = args.device
-    cfg.output_dir = str(model_dir)
-    cfg.sample_prompts, cfg.sample_scorer = args.samples, args.scorer
-    ref_dir = args.ref_cache or (str(model_dir / "ref_cache") if (model_dir / "ref_cache")
-                                 .is_dir() else run.get("ref_cache_dir"))
-    t = Trainer(cfg.validate())
-    m = t.evaluate_against_cache(ref_dir, ref_model=args.ref_model)
-    out = {k: v for k, v in m.items() if k != "samples"}
-    sys.stdout.write(json.dumps(out, indent=1) + "\n")
-    for s in m.get("samples", [])[:5]:
-        sc = f" [{s['score']:+.2f}]" if "score" in s else ""
-        err.write(f"  {s['prompt']}\n    ->{sc} {s['response'][:150]}\n")
-    return 0
-
-
-# ----------------------------------------------------------------------------- info
-
-
-def _version(mod: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(mod)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def info_lines() -> List[str]:
-    """Versions, backends (and why one is missing), the machine."""
-    import torch
-
-    import dpo_fast
-
-    from .kernels import logprobs_cpu
-
-    lines = [f"dpo_fast {dpo_fast.__version__} (python {platform.python_version()}, "
-             f"{platform.system()} {platform.machine()})"]
-    from . import _openmp
-    from .kernels import TRITON_TESTED
-
-    for name in ("torch", "triton", "transformers", "datasets", "peft", "flash-attn",
-                 "tensorboard", "matplotlib", "vaderSentiment", "jsonargparse"):
-        v = _version(name)
-        note = ""
-        if name == "triton" and v:
-            tested = ".".join(v.split(".")[:2]) in TRITON_TESTED
-            note = f" ({'' if tested else 'not '}tested: CI covers {', '.join(TRITON_TESTED)})"
-        lines.append(f"  {name:<16}{v or 'not installed'}{note}")
-    lines.append("backends:")
-    cpp = logprobs_cpu.available()
-    lines.append("  C++ CPU kernel   " + ("yes (dpo_fast._C)" if cpp else
-                                        f"no: {logprobs_cpu.load_error()}; the PyTorch twin "
-                                        "is used (reinstall with --no-build-isolation)"))
-    if torch.cuda.is_available():
-        lines.append(f"  CUDA             yes: {torch.cuda.get_device_name()} (CUDA "
-                     f"{torch.version.cuda})")
-    else:
-        why = "torch is a CPU build" if torch.version.cuda is None else "no GPU visible"
-        lines.append(f"  CUDA             no: {why}")
-    triton_ok = _version("triton") is not None
-    lines.append("  Triton kernels   " + ("yes" if triton_ok and torch.cuda.is_available() else
-                                        "no: " + ("needs a CUDA GPU (CPU tests run them under "
-                                                  "TRITON_INTERPRET=1)" if triton_ok else
-                                                  "triton is not installed")))
-    fa = _version("flash-attn")
-    lines.append("  flash-attn       " + ("yes (packed sequences use varlen attention)"
-                                        if fa and torch.cuda.is_available() else
-                                        "no: " + ("needs CUDA" if fa else
-                                                  "not installed (pip install flash-attn); "
-                                                  "packed rows use a block-diagonal sdpa mask")))
-    lines.append("  LoRA (peft)      " + ("yes" if _version("peft") else
-                                        "no: pip install peft"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kb = int(f.readline().split()[1])
-        mem = f", {kb / 2**20:.1f} GiB memory"
-    except (OSError, ValueError, IndexError):
-        pass
-    lines.append(f"machine: {cores} cores{mem}, torch threads {torch.get_num_threads()}")
-    lines.append(f"  OpenMP waits     {_openmp.wait_policy()}")
-    return lines
-
-
-def info_command(err: TextIO) -> int:
-    sys.stdout.write("\n".join(info_lines()) + "\n")
-    return 0

@@ -60,7 +60,8 @@ def wait_policy() -> str:
             "processes use these cores (adaptive_threads)")
 
 
-def _cpus() -> List[int]:
+def affinity_cpus() -> List[int]:
+    """The CPUs this process may run on (its affinity mask), sorted."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
@@ -97,16 +98,17 @@ def _self_ticks() -> Optional[int]:
         return None
 
 
-def _sample(cpus: List[int]) -> Optional[Tuple[float, int, int]]:
+def sample_ticks(cpus: List[int]) -> Optional[Tuple[float, int, int]]:
+    """(monotonic time, busy ticks of ``cpus``, this process's ticks); None without /proc."""
     busy, own = _busy_ticks(cpus), _self_ticks()
     if busy is None or own is None:
         return None
     return time.monotonic(), busy, own
 
 
-def _other_cores(a: Tuple[float, int, int], b: Tuple[float, int, int]) -> float:
-    """Other processes' CPU use between samples ``a`` and ``b`` of :func:`_sample`, in cores:
-    the CPUs' busy time minus this process's own, over the elapsed time."""
+def other_cores(a: Tuple[float, int, int], b: Tuple[float, int, int]) -> float:
+    """Other processes' CPU use between samples ``a`` and ``b`` of :func:`sample_ticks`, in
+    cores: the CPUs' busy time minus this process's own, over the elapsed time."""
     dt = b[0] - a[0]
     if dt <= 0:
         return 0.0
@@ -137,14 +139,14 @@ class ThreadGovernor:
 
         self.full = torch.get_num_threads()
         self.threads = self.full
-        self.cpus = _cpus()
+        self.cpus = affinity_cpus()
         self.window_s = float(window_s)
         self.others = 0.0
         self.switches = 0
         self.low_seconds = 0.0
         self._quiet = 0
         self._low_since: Optional[float] = None
-        self._last = _sample(self.cpus) if enabled and self.full > 1 else None
+        self._last = sample_ticks(self.cpus) if enabled and self.full > 1 else None
         self.enabled = self._last is not None
         self.governed = self.enabled
         self._pinned_before = 0
@@ -161,14 +163,17 @@ class ThreadGovernor:
         now = time.monotonic()
         if now - self._last[0] < self.window_s:
             return None
-        s = _sample(self.cpus)
+        s = sample_ticks(self.cpus)
         if s is None:
             return None
-        self.others = _other_cores(self._last, s)
+        self.others = other_cores(self._last, s)
         self._last = s
-        return self._decide(self.others)
+        return self.decide(self.others)
 
-    def _decide(self, others: float) -> Optional[Tuple[int, int]]:
+    def decide(self, others: float) -> Optional[Tuple[int, int]]:
+        """Sets the thread count for ``others`` cores used by other processes: down at once to
+        floor(free + BUSY_MARGIN), up to floor(free + QUIET_MARGIN) after QUIET_WINDOWS such
+        windows in a row, within [1, :attr:`full`]; returns (old, new) on a change."""
         free = len(self.cpus) - others
         down = max(1, min(self.full, math.floor(free + BUSY_MARGIN)))
         up = max(1, min(self.full, math.floor(free + QUIET_MARGIN)))

@@ -1,0 +1,126 @@
+"""The policy made trainable: loading, dropout, LoRA, activation checkpointing, optimizer
+and learning-rate schedule. Each function takes what it needs and returns one value."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional
+
+import torch
+
+from ..models import model_parts
+from ..models import load_model
+from .config import TrainConfig
+
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype models are loaded in (``TrainConfig.dtype``; ``auto`` is float32)."""
+    return DTYPES[cfg.dtype]
+
+
+def load_policy(cfg: TrainConfig, model: Optional[torch.nn.Module], device: torch.device,
+                stage: Callable[[str], None]) -> torch.nn.Module:
+    """``model`` moved to ``device``, or ``cfg.model`` loaded there; refuses a model whose LM
+    head cannot be found (by class name) and turns the KV cache off."""
+    if model is None:
+        stage(f"loading {cfg.model}")
+        model = load_model(cfg.model, dtype=model_dtype(cfg), device=device,
+                           what="TrainConfig.model")
+    else:
+        model.to(device)
+    model_parts(model)
+    cfg_obj = getattr(model, "config", None)
+    if cfg_obj is not None and hasattr(cfg_obj, "use_cache"):
+        cfg_obj.use_cache = False
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout probability 0 everywhere (modules and attention-dropout attributes)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def make_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Dropout off (``disable_dropout``), LoRA adapters (``lora_r``; returns the PEFT model),
+    activation checkpointing (``gradient_checkpointing``), train mode."""
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora_r is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ValueError("TrainConfig.lora_r needs peft: pip install peft") from e
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:  # its name before transformers 5.2x
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model.train()
+    return model
+
+
+def trainable_parameters(module: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The parameters with ``requires_grad`` (ValueError if there is none)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter")
+    return params
+
+
+def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused where torch has a fused kernel for the device and dtypes: TRL's default
+    ``adamw_torch_fused``, one pass per tensor, ~5x faster than foreach on CPU) or RMSprop."""
+    if cfg.optimizer == "adamw":
+        fused = device.type in ("cpu", "cuda") and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        return torch.optim.AdamW(params, lr=cfg.learning_rate,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                 weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at scheduler step ``s`` (0-based): linear warm-up
+    from 0 over ``warmup`` steps, then linear decay to 0 / cosine to 0 / constant."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return s / warmup
+        if kind == "constant":
+            return 1.0
+        frac = (s - warmup) / max(1, total - warmup)
+        frac = min(max(frac, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_scheduler_type`` with ``warmup_steps`` (or ``warmup_ratio`` of the run)."""
+    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+
+
+def warn_compile_under_fsdp(cfg: TrainConfig, strategy: str, is_main: bool) -> None:
+    if strategy == "fsdp2" and cfg.torch_compile and is_main:
+        warnings.warn("torch_compile is not applied under strategy='fsdp2' (the body runs "
+                      "eagerly)", UserWarning, stacklevel=3)
