@@ -776,6 +776,46 @@ def test_cli_precompute_end_to_end(saved, tmp_path, capsys):
     assert "bad.jsonl line 4: field 'rejected' is missing" in err
 
 
+def test_cli_precompute_reads_what_train_reads(saved, tmp_path, capsys):
+    """precompute and train share one reader: the same pairs as Parquet, and as JSONL
+    without a prompt column (TRL's implicit prompt), fill caches with exactly the keys and
+    values of the explicit JSONL, and those keys are the trainer's."""
+    import datasets
+
+    from dpo_fast.data import extract_prompt
+    from dpo_fast.train import TrainConfig, Trainer
+
+    rows = _write_jsonl(tmp_path / "pairs.jsonl", 9, seed=3)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in rows]
+    (tmp_path / "implicit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in implicit))
+    tok = transformers.AutoTokenizer.from_pretrained(saved / "model")
+    expect = {
+        "pairs.jsonl": {e.key for e in tokenize_dataset(tok, rows, max_length=12)[0]},
+        "pairs.parquet": {e.key for e in tokenize_dataset(tok, rows, max_length=12)[0]},
+        "implicit.jsonl": {e.key for e in tokenize_dataset(
+            tok, [dict(zip(("prompt", "chosen", "rejected"),
+                           extract_prompt(r["chosen"], r["rejected"]))) for r in implicit],
+            max_length=12)[0]},
+    }
+    caches = {}
+    for name, keys in expect.items():
+        out = tmp_path / f"cache-{name}"
+        assert main(["precompute", "--model", str(saved / "model"), "--data",
+                     str(tmp_path / name), "--out", str(out), "--max-length", "12",
+                     "--device", "cpu"]) == 0, capsys.readouterr().err
+        caches[name] = RefLogProbCache.open(out)
+        assert set(caches[name].keys()) == keys, name
+        t = Trainer(TrainConfig(model=str(saved / "model"), train_data=str(tmp_path / name),
+                                max_length=12, data_cache_dir="", output_dir=str(tmp_path)))
+        t.prepare_data()
+        assert {e.key for e in t.train_data.examples} == keys, name
+    keys = sorted(expect["pairs.jsonl"])
+    assert torch.equal(caches["pairs.parquet"].lookup(keys), caches["pairs.jsonl"].lookup(keys))
+    capsys.readouterr()
+
+
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "dpo_fast", "precompute", "--help"],
                        capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=120)
