@@ -199,7 +199,7 @@ def test_training_next_to_a_busy_neighbour_lowers_its_threads_and_restores_them(
     try:
         time.sleep(0.5)
         cfg = TrainConfig(model="unused", train_data=word_rows(64), output_dir=str(tmp_path),
-                          max_steps=400, batch_size=8, learning_rate=1e-3, logging_steps=50,
+                          max_steps=1000, batch_size=8, learning_rate=1e-3, logging_steps=50,
                           save_steps=None, save_final_model=False, data_cache_dir="",
                           max_length=48, device="cpu")
         t = Trainer(cfg, model=tiny_model(), tokenizer=tiny_tokenizer(),
