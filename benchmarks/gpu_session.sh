@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh [stage ...]     stages: env tests kernels rows sweep logprobs dpo
 #                                                   train fit (the training benchmark: gpu_train.sh)
 #                                                   dist (torchrun x1: ddp / fsdp2 on nccl)
+#                                                   fsdp (torchrun x1, fsdp2 + bf16 mixed
+#                                                   precision, +- cpu offload, llama-1b)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -46,6 +48,7 @@ for s in $stages; do
            --precision bf16 --arch "${ARCH:-llama-1b}" --max-fit 8192 16384 32768 65536 \
            --threads 8 --name "train_cuda_${ARCH:-llama-1b}_maxfit" --workdir /tmp/bench_train ;;
     dist) run dist "${T_DIST:-200}" python3 benchmarks/gpu_dist.py --device cuda --out /tmp/gpu_dist ;;
+    fsdp) run fsdp "${T_FSDP:-420}" python3 benchmarks/gpu_fsdp.py --device cuda --arch "${ARCH:-llama-1b}" --seq "${SEQ:-1024}" --steps "${STEPS:-6}" --workdir /tmp/gpu_fsdp ;;
     quick) run quick "${T_QUICK:-120}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py -k "${QUICK_K:-oracle and triton-bfloat16 or fused_loss_vs_unfused and triton-bfloat16 or many_chunks or deterministic}" ;;
     *) echo "unknown stage $s" ;;
   esac

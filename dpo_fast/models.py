@@ -34,6 +34,7 @@ head check (the model's own logits are compared with the fused head on one examp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -259,16 +260,7 @@ def load_model(name: str, *, dtype: torch.dtype, device, what: str,
 
     name = resolve_model_name(name)
     device = torch.device(device)
-    attn = attn_implementation
-    if attn == "auto":
-        attn = "sdpa"
-        if device.type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
+    attn = attention_choice(attn_implementation, device)
     kw = dict(kwargs)
     if not Path(name).is_dir():
         kw.setdefault("local_files_only", os.environ.get("HF_HUB_OFFLINE") == "1")
@@ -287,6 +279,76 @@ def load_model(name: str, *, dtype: torch.dtype, device, what: str,
         raise ValueError(f"{what}={shown!r}: cannot load the model "
                          f"({type(e).__name__}: {first_line(e)})") from e
     return model.to(device)
+
+
+def attention_choice(attn_implementation: Optional[str], device: torch.device
+                     ) -> Optional[str]:
+    """``"auto"`` -> flash-attention 2 when ``flash_attn`` is importable and ``device`` is
+    CUDA, else sdpa; other values unchanged."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside the block is moved to the meta device as it is
+    registered (no storage; initializers on it do nothing); buffers stay real, so tables
+    computed in ``__init__`` (rotary frequencies) keep their values. A layer's weight exists
+    for a moment as an untouched ``torch.empty``, so the host memory of the whole build stays
+    near zero."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"),
+                                       requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def empty_model(name: str, *, dtype: torch.dtype, device, what: str,
+                attn_implementation: Optional[str] = "auto"):
+    """The causal LM of the model folder ``name`` built from its ``config.json`` with every
+    parameter on the meta device (see :func:`parameters_on_meta`): the architecture,
+    ``dtype`` and attention choice of :func:`load_model`, no weights. ``device`` only decides
+    the attention choice.
+
+    Raises:
+        ValueError ``"<what>=<name>: cannot build the model (<error>)"``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = resolve_model_name(name)
+    attn = attention_choice(attn_implementation, torch.device(device))
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=Path(name).is_dir())
+        with parameters_on_meta():
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, **({} if attn is None else {"attn_implementation": attn}))
+            except (ValueError, ImportError) as e:
+                if attn_implementation != "auto" or (
+                        "attn" not in str(e).lower() and "attention" not in str(e).lower()):
+                    raise
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise ValueError(f"{what}={name!r}: cannot build the model "
+                         f"({type(e).__name__}: {first_line(e)})") from e
+    model.config._name_or_path = name
+    return model
 
 
 def load_tokenizer(name: str, *, what: str, **kwargs):

@@ -41,6 +41,9 @@ def train(cfg):
     res = t.train()
     if t.is_main:
         print("RESULT " + json.dumps(res.to_dict()), flush=True)
+    from dpo_fast.train.distributed import teardown
+
+    teardown(t.dist)  # as the CLI does: exiting with a live gloo group can abort the process
 
 
 def grads(cfg):

@@ -59,6 +59,7 @@ class BuildOptions:
     compact: Union[bool, str] = "auto"
     repair: bool = False
     allow_empty: bool = False
+    lockstep: bool = False
 
     def __post_init__(self):
         for name, v in (("batch_tokens", self.batch_tokens),
@@ -124,7 +125,11 @@ def run_build(cls, mode: str, model, examples, path, options: BuildOptions):
     if not uniq and not o.allow_empty:
         raise ValueError("examples is empty: there is nothing to cache (allow_empty=True "
                          "accepts it)")
-    computer = Computer(model, eff_softcap, eff_temperature, per_token, o.verify_head)
+    if o.lockstep and not inited:
+        raise ValueError("lockstep=True is for a model sharded over torch.distributed "
+                         "processes; torch.distributed is not initialized")
+    computer = Computer(model, eff_softcap, eff_temperature, per_token, o.verify_head,
+                        lockstep=o.lockstep)
     settings = o.plan_settings()
 
     with writer_lock(path, rank, world, inited, o.lock_timeout, o.on_lock_wait) as read_only:

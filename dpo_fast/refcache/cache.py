@@ -298,7 +298,8 @@ class RefLogProbCache:
               lock_timeout: Optional[float] = None,
               on_lock_wait: Optional[Callable[[str], None]] = None,
               compact: Union[bool, str] = "auto", repair: bool = False,
-              allow_empty: bool = False) -> Optional["RefLogProbCache"]:
+              allow_empty: bool = False, lockstep: bool = False
+              ) -> Optional["RefLogProbCache"]:
         """Computes the reference log-probs of ``examples`` into a new cache at ``path``.
 
         Forward only: ``torch.inference_mode``, model in eval mode (restored after), the body
@@ -347,6 +348,11 @@ class RefLogProbCache:
                 count) shards, e.g. after many small ensures).
             repair: drop shards whose checks fail and recompute their rows (one process).
             allow_empty: accept an empty ``examples`` (else ValueError).
+            lockstep: the model is sharded over the torch.distributed processes (FSDP2:
+                each layer's forward is a collective): every rank makes the same forward
+                calls (a rank out of rows runs one-token forwards while others compute), and
+                autograd is off by ``no_grad`` instead of inference mode. Call it on every
+                rank inside the sharded root's forward.
 
         Returns:
             the opened cache (``last_build`` holds the final :class:`BuildProgress`).
@@ -362,7 +368,8 @@ class RefLogProbCache:
             per_token=per_token, rows_per_shard=rows_per_shard, progress=progress, rank=rank,
             world_size=world_size, overwrite=overwrite, verify_head=verify_head,
             checkpoint_seconds=checkpoint_seconds, lock_timeout=lock_timeout,
-            on_lock_wait=on_lock_wait, compact=compact, repair=repair, allow_empty=allow_empty)
+            on_lock_wait=on_lock_wait, compact=compact, repair=repair, allow_empty=allow_empty,
+            lockstep=lockstep)
         return run_build(cls, "build", model, examples, path, options)
 
     @classmethod

@@ -9,6 +9,7 @@ against the model's own logits on one short sequence (:meth:`Computer.check_head
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Dict, Sequence
 
@@ -25,15 +26,64 @@ _IGNORE = -100
 
 
 class Computer:
-    """Runs the reference forward for batches of examples (eval mode, inference mode)."""
+    """Runs the reference forward for batches of examples (eval mode, inference mode).
 
-    def __init__(self, model, softcap, temperature, per_token, verify_head):
+    ``lockstep``: the model is sharded over the torch.distributed processes (FSDP2: every
+    layer's forward is a collective), so every rank makes the same forward calls: the head
+    check runs on all ranks at once (:meth:`begin`), each real batch is announced to the
+    others (:meth:`rows`), and a rank out of work runs a one-token forward for each batch
+    another rank still computes (:meth:`drain`). Autograd is then off by ``no_grad`` (FSDP2
+    keeps the gathered parameters it makes, which must not be inference tensors; also with
+    one process)."""
+
+    def __init__(self, model, softcap, temperature, per_token, verify_head, lockstep=False):
         self.model = model
         self.body, self.weight, self.bias = model_parts(model)
         self.device = input_device(model, self.weight)
         self.softcap, self.temperature = softcap, temperature
         self.per_token = per_token
         self.verify_head = verify_head
+        self.lockstep = bool(lockstep)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Eval mode and no autograd for the block; the model's mode is restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad() if self.lockstep else torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _any_rank(self, mine: bool) -> bool:
+        """True if this or any other rank has a batch to run (a collective)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return mine
+        dev = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor([int(mine)], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def begin(self, ex: PreferenceExample) -> None:
+        """Lockstep: the head check on ``ex`` (the same on every rank), before any batch."""
+        if self.lockstep and self.verify_head:
+            self.check_head(ex)  # (clears verify_head)
+
+    def drain(self) -> int:
+        """Lockstep: after this rank's last batch, one-token forwards while another rank
+        still computes; returns their count."""
+        if not self.lockstep:
+            return 0
+        n = 0
+        ids = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+        while self._any_rank(False):
+            self.hidden(ids, torch.ones_like(ids))
+            n += 1
+        return n
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last hidden states [S, T, D] of the body for ``input_ids`` / ``attention_mask``
@@ -71,7 +121,9 @@ class Computer:
         ``keys`` uint8 [R, 16], ``chosen_logps`` / ``rejected_logps`` float32 [R],
         ``chosen_lengths`` / ``rejected_lengths`` int32 [R] and (per_token) ``token_logps``,
         R float32 arrays (row i's chosen tokens, then its rejected tokens)."""
-        if self.verify_head:
+        if self.lockstep:
+            self._any_rank(True)
+        if self.verify_head:  # (lockstep: done by begin)
             self.check_head(examples[0])
         r = len(examples)
         b = pack_pair_batch(examples, device=self.device)

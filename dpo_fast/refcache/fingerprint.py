@@ -80,17 +80,30 @@ def _int_view(t: Tensor) -> Tensor:
     return flat if flat.dtype == target else flat.view(target)
 
 
-def _weights_sample_hash(model) -> str:
+def _identity(t: Tensor) -> Optional[Tuple]:
+    """What two state-dict entries of one tensor (tied weights) share: for an FSDP2 shard
+    (DTensor) its local storage (each parameter has its own, also where its shard is empty,
+    so every rank decides alike), else the data pointer, size and strides."""
+    if t.numel() == 0:
+        return None
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        return ("shard", t.to_local().untyped_storage().data_ptr(), tuple(t.shape))
+    return (t.data_ptr(), t.numel(), tuple(t.stride()))
+
+
+def _weights_sample_hash(state: Dict[str, Any]) -> str:
     """``WEIGHT_METHODS["sample"]``: exact integer sums (order- and device-independent) catch a
-    change anywhere; tied tensors are hashed once."""
+    change anywhere; tied tensors are hashed once. A DTensor (FSDP2 shard) is gathered whole,
+    one at a time (a collective: every rank calls this in the same order), so a sharded model
+    hashes as the same model held whole."""
     h = hashlib.sha256(b"dpo_fast/weights-sample/v1\0")
-    seen: Dict[Tuple[int, int, Tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
+    seen: Dict[Tuple, str] = {}
+    for name, t in state.items():
         if not isinstance(t, Tensor):
             continue
         t = t.detach()
         h.update(json.dumps([name, list(t.shape), dtype_name(t.dtype)]).encode())
-        ident = (t.data_ptr(), t.numel(), tuple(t.stride())) if t.numel() else None
+        ident = _identity(t)
         if ident is not None and ident in seen:
             h.update(f"alias:{seen[ident]}".encode())
             continue
@@ -98,6 +111,8 @@ def _weights_sample_hash(model) -> str:
             seen[ident] = name
         if t.numel() == 0:
             continue
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
         bits = _int_view(t)
         n = bits.numel()
         sums = torch.stack([c.sum(dtype=torch.int64) for c in bits.split(_SUM_BLOCK)])
@@ -166,8 +181,12 @@ def tokenizer_hash(tokenizer) -> Optional[str]:
 def fingerprint(model, tokenizer=None, *, max_length: Optional[int] = None,
                 truncation: str = "keep_start", softcap: Optional[float] = None,
                 temperature: float = 1.0, dtype: Union[None, str, torch.dtype] = None,
-                weights: str = "sample") -> Dict[str, Any]:
+                weights: str = "sample", state_dict: Optional[Dict[str, Tensor]] = None
+                ) -> Dict[str, Any]:
     """Everything that changes the cached numbers, as a JSON-able dict of fields.
+
+    ``state_dict``: the tensors the ``"sample"`` weight hash reads (default
+    ``model.state_dict()``), e.g. a peft model's base weights under their base names.
 
     Fields: ``logprob_version`` (``LOGPROB_VERSION``), ``model_class``, ``model_config``
     (SHA-256 of the config without paths / versions / bookkeeping keys), ``model_weights``
@@ -200,7 +219,8 @@ def fingerprint(model, tokenizer=None, *, max_length: Optional[int] = None,
         raise ValueError(f"max_length must be None or an int >= 2, got {max_length!r}")
     softcap, temperature = head_settings(model, softcap, temperature)
     with torch.no_grad():
-        wh = _weights_sample_hash(model) if weights == "sample" else _weights_files_hash(model)
+        wh = (_weights_sample_hash(model.state_dict() if state_dict is None else state_dict)
+              if weights == "sample" else _weights_files_hash(model))
     return {
         "logprob_version": LOGPROB_VERSION,
         "model_class": type(model).__name__,

@@ -19,8 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-import torch
-
 from . import store
 from .compute import Computer
 from .plan import Plan
@@ -137,18 +135,12 @@ def compute_shards(w: WriteDir, plan: Plan, mine: Sequence[int], done: Set[int],
     """Computes the plan's shards ``mine`` (plan-relative) not in ``done`` into ``w``,
     continuing each from its segments; writes a segment whenever ``checkpoint_seconds`` of
     compute passed since the last durable write, and each finished shard whole. The model
-    runs in eval mode (its mode is restored after) under ``torch.inference_mode``."""
-    model = computer.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in mine:
-                if s not in done:
-                    _compute_shard(w, plan, s, segs.get(s, []), computer, tracker,
-                                   checkpoint_seconds, generation)
-    finally:
-        model.train(was_training)
+    runs in eval mode (its mode is restored after) without autograd (:meth:`Computer.running`)."""
+    with computer.running():
+        for s in mine:
+            if s not in done:
+                _compute_shard(w, plan, s, segs.get(s, []), computer, tracker,
+                               checkpoint_seconds, generation)
 
 
 def _compute_shard(w: WriteDir, plan: Plan, s: int,
@@ -217,8 +209,10 @@ def build_single(path: Path, man: Optional[Dict[str, Any]], fp: Dict[str, Any], 
     tracker = Tracker(progress, plan, range(len(plan.shards)), done, segs)
     if not man["complete"]:
         tracker.emit("start")
-        compute_shards(w, plan, range(len(plan.shards)), done, segs, computer, tracker,
-                       checkpoint_seconds, man.get("generation", 0))
+        with computer.running():
+            computer.begin(plan.examples[0])
+            compute_shards(w, plan, range(len(plan.shards)), done, segs, computer, tracker,
+                           checkpoint_seconds, man.get("generation", 0))
         man["builds"][-1]["complete"] = True
         man["complete"] = True
         w.save()
@@ -248,11 +242,14 @@ def build_part(path: Path, rank: int, world: int, fp: Dict[str, Any], plan: Plan
     done, segs = recover(w, plan, mine) if resume else (set(), {})
     w.clean()
     tracker = Tracker(progress, plan, mine, done, segs)
-    if not pm["build"]["complete"]:
-        tracker.emit("start")
-        compute_shards(w, plan, mine, done, segs, computer, tracker, checkpoint_seconds,
-                       generation)
-        pm["build"]["complete"] = True
-        w.save()
+    with computer.running():
+        computer.begin(plan.examples[0])
+        if not pm["build"]["complete"]:
+            tracker.emit("start")
+            compute_shards(w, plan, mine, done, segs, computer, tracker, checkpoint_seconds,
+                           generation)
+            pm["build"]["complete"] = True
+            w.save()
+        computer.drain()
     tracker.emit("done")
     return tracker.snapshot("done")

@@ -45,7 +45,9 @@ class TrainConfig:
         ref_model: Reference model path or id (default: the initial policy). Its log-probs go
             into the reference cache before training and it is freed.
         dtype: Parameter dtype of the policy (auto = float32).
-        precision: fp32, or bf16 = bf16 autocast of the body over fp32 master weights.
+        precision: fp32, or bf16 = bf16 autocast of the body over fp32 master weights. Under
+            fsdp2, bf16 is MixedPrecisionPolicy: bf16 gathered parameters and compute (the
+            reference pass too), fp32 shards, optimizer state and gradient reduction.
         device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
         adaptive_threads: On the CPU, lower torch's threads while other processes use this
             process's cores and raise them back when the cores are free (keeps a step fast
@@ -138,6 +140,16 @@ class TrainConfig:
             one), ddp (DistributedDataParallel: each process holds the whole model), fsdp2
             (fully_shard: parameters, gradients and optimizer state sharded across processes)
             or none. batch_size stays the pairs of one optimizer step over all processes.
+        fsdp_cpu_offload: Under fsdp2, keep the parameter shards, their gradients and the
+            optimizer state in host memory (CPUOffloadPolicy); each layer is copied to the
+            device for its forward and backward. On a CPU-only run there is nothing to offload
+            to and it changes nothing.
+        fsdp_reshard_after_forward: Under fsdp2, free each layer's gathered parameters after
+            its forward and gather them again in backward (false: keep them until backward;
+            more memory, fewer all-gathers).
+        max_shard_size: Size cap of one safetensors file of the final model ("5GB", "500MB",
+            or bytes). Under fsdp2 the files are written one tensor at a time, so no process
+            holds the whole model; with several files an index names them.
         dist_timeout: Seconds a process waits in a collective for its peers before the job
             fails (a dead or hung peer ends the job instead of hanging it).
         ref_rows_per_shard: Rows per reference-cache shard file. Under torchrun the shards of
@@ -225,6 +237,9 @@ class TrainConfig:
     sample_scorer: Optional[Literal["vader"]] = None
     impl: str = "auto"
     strategy: Literal["auto", "ddp", "fsdp2", "none"] = "auto"
+    fsdp_cpu_offload: bool = False
+    fsdp_reshard_after_forward: bool = True
+    max_shard_size: Union[int, str] = "5GB"
     dist_timeout: float = 600.0
     ref_rows_per_shard: int = 4096
     ref_batch_tokens: Optional[int] = None
@@ -346,6 +361,9 @@ class TrainConfig:
                           "lr_scheduler_type": SCHEDULERS, "bad_rows": BAD_ROW_POLICIES,
                           "truncation_mode": TRUNCATION_MODES}[name])
         number("dist_timeout", 0.0, lo_open=True)
+        from ..safetensors_shards import parse_size
+
+        parse_size(self.max_shard_size, "TrainConfig.max_shard_size")
         integer("ref_rows_per_shard", 1)
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

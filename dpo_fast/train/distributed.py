@@ -166,8 +166,40 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device):
-    """(engine, module for no-grad forwards): ``model`` wrapped for ``ctx.strategy``."""
+@dataclass(frozen=True)
+class FsdpSettings:
+    """What ``fully_shard`` gets for every unit.
+
+    Attributes:
+        bf16: ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: the
+            gathered parameters (and so the forward and backward) are bf16, the shards, the
+            optimizer state and the gradient reduction stay fp32 (``precision=bf16``).
+        cpu_offload: ``CPUOffloadPolicy``: shards, their gradients and the optimizer state
+            live in host memory; each unit is copied to the device for its forward / backward.
+        reshard_after_forward: free a unit's gathered parameters after its forward (gather
+            again in backward); False keeps them until backward (more memory, fewer gathers).
+    """
+
+    bf16: bool = False
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+    def kwargs(self) -> Dict[str, Any]:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+        kw: Dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
+        if self.bf16:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        return kw
+
+
+def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device,
+         fsdp: FsdpSettings = FsdpSettings()):
+    """(engine, module for no-grad forwards): ``model`` wrapped for ``ctx.strategy``
+    (``fsdp``: the ``fully_shard`` settings under FSDP2)."""
     mod = PreferenceModule(model)
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,11 +214,23 @@ def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device):
         if not layers:
             raise ValueError(f"TrainConfig.strategy='fsdp2': {type(model).__name__} names no "
                              "repeated block class (_no_split_modules) to shard by; use ddp")
+        kw = fsdp.kwargs()
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(mod)
+            fully_shard(layer, **kw)
+        fully_shard(mod, **kw)
         return mod, mod
     return mod, mod
+
+
+def reshard(root: torch.nn.Module) -> None:
+    """Frees the gathered parameters FSDP2 keeps after a forward that had no backward (the
+    units with ``reshard_after_forward=False``), so the modules hold their shards again (and
+    ``parameters()`` are the sharded ones). Nothing to do for other engines."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # ------------------------------------------------------------------------------ work split

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..threads import ThreadGovernor
-from . import checkpoint, distributed, export, metrics, modeling, reference, rundir, runtime
+from . import (checkpoint, distributed, export, metrics, modeling, reference, rundir, runtime,
+               sharding)
 from .batching import PADDED, epoch_steps, pair_tokens
 from .callbacks import TrainerCallback
 from .config import TrainConfig
@@ -68,6 +69,8 @@ class Trainer:
         self.dist, device = distributed.setup(config.strategy, config.device,
                                               config.dist_timeout)
         self.device = runtime.resolve_device(device)
+        if self.dist.strategy == "fsdp2" and self.device.type == "cpu":
+            runtime.return_freed_memory()  # RSS follows live memory (see there)
         if not self.dist.is_main:  # one set of progress bars and library warnings per job
             runtime.quiet_libraries()
         self.output_dir = Path(config.output_dir)
@@ -88,12 +91,21 @@ class Trainer:
         self.scheduler = None
         self.threads: Optional[ThreadGovernor] = None  # CPU threads while train() runs
         self.sample_prompts: List[np.ndarray] = []
+        self.memory = runtime.PhaseMemory(self.device)  # peak memory of each phase
+        self.memory.end("start")
+        self.load_source: Optional[str] = None  # sharded load: "slices" / "broadcast"
 
     @property
     def is_main(self) -> bool:
         """True on the process that writes logs, plots, checkpoints' shared files and the
         final model (rank 0; the only process without torchrun)."""
         return self.dist.is_main
+
+    @property
+    def sharded_load(self) -> bool:
+        """True when the policy is built sharded (FSDP2 with ``config.model`` to load): no
+        process ever holds it whole (:mod:`.sharding`)."""
+        return self.dist.strategy == "fsdp2" and not self.model_given
 
     @property
     def attention(self) -> str:
@@ -122,6 +134,7 @@ class Trainer:
             window, last_logs = metrics.StepWindow(), {}
             last_ckpt: Optional[Path] = None
             interrupted = False
+            self.memory.end("setup")
             runtime.reset_peak_memory(self.device)
             self._emit("on_train_begin", st)
             with runtime.SignalStop() as stop:
@@ -164,10 +177,13 @@ class Trainer:
             self._add_reporters()
         self.prepare_data()
         self.plan()
+        self.memory.end("data")
         self.prepare_model()
+        self.memory.end("load")
         t0 = time.perf_counter()
         self.prepare_reference()
         self.precompute_seconds = time.perf_counter() - t0
+        self.memory.end("reference")
         self.prepare_training()
         resumed = self.resume()
         if resumed is None:
@@ -181,6 +197,8 @@ class Trainer:
         (unless interrupted), ``summary.json``."""
         cfg, st = self.config, self.state
         peak = self._peak_mb()
+        state_mb = self._by_rank(modeling.state_bytes(self.engine, self.optimizer) / 2**20)
+        self.memory.end("train")
         eval_after: Dict[str, float] = {}
         model_dir, samples_after = None, []
         if not interrupted:
@@ -192,6 +210,7 @@ class Trainer:
             if cfg.save_final_model:
                 model_dir = str(self.output_dir)
                 self.save_model(self.output_dir)
+        self.memory.end("finish")
         from .sampling import pair_samples
 
         samples, sb, sa = pair_samples(self.tokenizer, self.sample_prompts, samples_before,
@@ -210,7 +229,10 @@ class Trainer:
             checkpoint=None if last_ckpt is None else str(last_ckpt), samples=samples,
             sample_score_before=sb, sample_score_after=sa,
             precompute_seconds=self.precompute_seconds,
-            cpu_threads=self.threads.summary() if self.device.type == "cpu" else None)
+            cpu_threads=self.threads.summary() if self.device.type == "cpu" else None,
+            phase_memory_mb={k: self._by_rank(v) for k, v in self.memory.host.items()},
+            phase_cuda_memory_mb={k: self._by_rank(v) for k, v in self.memory.cuda.items()},
+            model_state_mb=state_mb)
         if self.is_main:
             rundir.write_summary(self.output_dir, result.to_dict())
         self._emit("on_train_end", st, result)
@@ -254,8 +276,22 @@ class Trainer:
         return np.unique(np.concatenate(self.epoch_steps(0)[:self.total_steps]))
 
     def prepare_model(self) -> None:
-        """Loads the policy (if not given) onto the device."""
-        self.model = modeling.load_policy(self.config, self.model, self.device, self._stage)
+        """Loads the policy (if not given) onto the device. Under FSDP2 (:attr:`sharded_load`)
+        it is built on the meta device, made trainable (dropout, LoRA, checkpointing),
+        sharded and filled with each process's slices of the weights (``engine`` /
+        ``forward``: its FSDP2 root)."""
+        cfg = self.config
+        if not self.sharded_load:
+            self.model = modeling.load_policy(cfg, self.model, self.device, self._stage)
+            return
+        self._stage(f"loading {cfg.model} sharded over {self.dist.world_size} process(es)")
+        self.model, self.forward, self.load_source = sharding.load_sharded(
+            cfg.model, dtype=modeling.model_dtype(cfg), dist=self.dist, device=self.device,
+            fsdp=modeling.fsdp_settings(cfg, self.device), what="TrainConfig.model",
+            seed=cfg.seed,
+            prepare=lambda m: modeling.make_trainable(modeling.checked_policy(m), cfg),
+            stage=self._stage)
+        self.engine = self.forward
 
     def prepare_reference(self) -> None:
         """Fills the reference cache for the planned train pairs and every eval pair and
@@ -267,26 +303,40 @@ class Trainer:
             self._poll_threads()
             self._emit("on_ref_progress", p)
 
+        sharded = self.sharded_load
         self.reference = reference.fill_reference(
             self.config, self.model, self.tokenizer, self.train_data.examples,
             self.planned_indices(), self.eval_data.examples if self.eval_data else None,
-            self.device, self.output_dir, stage=self._stage, progress=progress)
+            self.device, self.output_dir, stage=self._stage, progress=progress,
+            root=self.forward if sharded else None, dist=self.dist,
+            fsdp=modeling.fsdp_settings(self.config, self.device))
 
     def prepare_compute(self) -> None:
-        """The step machinery of the current policy (``runner``)."""
+        """The step machinery of the current policy (``runner``); a sharded policy is read
+        (and its packing checked) inside its root's forward, on every rank."""
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        self.runner = StepRunner.for_model(self.model, self.config, self.dist, self.device,
-                                           pad or 0, poll=self._poll_threads,
-                                           review=self._review)
+
+        def runner(lm):
+            return StepRunner.for_model(lm, self.config, self.dist, self.device, pad or 0,
+                                        poll=self._poll_threads, review=self._review)
+
+        if self.sharded_load:
+            with torch.no_grad():
+                self.runner = self.gathered(runner)
+        else:
+            self.runner = runner(self.model)
 
     def prepare_training(self) -> None:
         """Dropout, LoRA, checkpointing; the step machinery, the DDP / FSDP2 wrap, optimizer,
         schedule and a fresh :class:`TrainState`."""
         cfg = self.config
-        self.model = modeling.make_trainable(self.model, cfg)
+        if not self.sharded_load:  # (a sharded policy was made trainable before sharding)
+            self.model = modeling.make_trainable(self.model, cfg)
         self.prepare_compute()
         modeling.warn_compile_under_fsdp(cfg, self.dist.strategy, self.is_main)
-        self.engine, self.forward = distributed.wrap(self.model, self.dist, self.device)
+        if not self.sharded_load:
+            self.engine, self.forward = distributed.wrap(self.model, self.dist, self.device,
+                                                         modeling.fsdp_settings(cfg, self.device))
         self.params = modeling.trainable_parameters(self.engine)
         self.optimizer = modeling.make_optimizer(self.params, cfg, self.device)
         self.scheduler = modeling.make_scheduler(self.optimizer, cfg, self.total_steps)
@@ -366,7 +416,10 @@ class Trainer:
         if self.eval_data is None:
             return {}
         module = self.forward if self.dist.active else None
-        return self.runner.held_out(self.eval_data.examples, self.reference.eval, module)
+        out = self.runner.held_out(self.eval_data.examples, self.reference.eval, module)
+        if self.dist.strategy == "fsdp2":
+            distributed.reshard(self.forward)
+        return out
 
     def _evaluate_at_start(self) -> Dict[str, float]:
         if self.eval_data is None:
@@ -409,7 +462,8 @@ class Trainer:
         merged = export.save_model(self.model, self.tokenizer, out, dist=self.dist,
                                    root=self.forward, merge_lora=self.config.merge_lora,
                                    base_model=self.config.model,
-                                   dtype=modeling.model_dtype(self.config))
+                                   dtype=modeling.model_dtype(self.config),
+                                   max_shard_size=self.config.max_shard_size)
         if merged is not None:
             self.model = merged
         return Path(out)
@@ -439,10 +493,17 @@ class Trainer:
         # FSDP2: every rank generates the same prompts through the root module (its forward
         # gathers the embeddings / norm / head; each layer gathers in its own forward), kept in
         # lockstep by generate's synced_gpus; rank 0 keeps the texts.
-        out = self.forward(sample)
+        out = self.gathered(sample)
         return out if self.is_main else []
 
     # -- plumbing -----------------------------------------------------------------------
+
+    def gathered(self, fn):
+        """``fn(policy)`` inside the FSDP2 root's forward (no backward follows), every rank;
+        the shards are restored after."""
+        out = self.forward(fn)
+        distributed.reshard(self.forward)
+        return out
 
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -458,6 +519,14 @@ class Trainer:
             if new is not None:
                 out = new
         return out
+
+    def _by_rank(self, value: float) -> List[float]:
+        """``value`` of every rank, in rank order (a collective under torch.distributed)."""
+        if not self.dist.active:
+            return [round(float(value), 1)]
+        v = torch.zeros(self.dist.world_size, dtype=torch.float64)
+        v[self.dist.rank] = float(value)
+        return [round(x, 1) for x in self.dist.all_sum(v).tolist()]
 
     def _peak_mb(self) -> float:
         """Peak memory of the loop: this process's, or the largest over the ranks."""

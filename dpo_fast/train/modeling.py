@@ -9,9 +9,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..models import model_parts
-from ..models import load_model
+from ..models import load_model, model_parts
 from .config import TrainConfig
+from .distributed import FsdpSettings
+from .sharding import init_lora
 
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -32,11 +33,25 @@ def load_policy(cfg: TrainConfig, model: Optional[torch.nn.Module], device: torc
                            what="TrainConfig.model")
     else:
         model.to(device)
+    return checked_policy(model)
+
+
+def checked_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its KV cache off; refuses a model whose LM head cannot be found (by
+    class name)."""
     model_parts(model)
     cfg_obj = getattr(model, "config", None)
     if cfg_obj is not None and hasattr(cfg_obj, "use_cache"):
         cfg_obj.use_cache = False
     return model
+
+
+def fsdp_settings(cfg: TrainConfig, device: torch.device) -> FsdpSettings:
+    """The ``fully_shard`` settings of ``cfg`` on ``device`` (``precision=bf16`` -> bf16 mixed
+    precision; ``fsdp_cpu_offload`` only where the device is not the CPU already)."""
+    return FsdpSettings(bf16=cfg.precision == "bf16",
+                        cpu_offload=cfg.fsdp_cpu_offload and device.type != "cpu",
+                        reshard_after_forward=cfg.fsdp_reshard_after_forward)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -50,8 +65,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def make_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """Dropout off (``disable_dropout``), LoRA adapters (``lora_r``; returns the PEFT model),
-    activation checkpointing (``gradient_checkpointing``), train mode."""
+    """Dropout off (``disable_dropout``), LoRA adapters (``lora_r``; returns the PEFT model;
+    initial values from the seed and each tensor's name, :func:`.sharding.init_lora`),
+    activation checkpointing (``gradient_checkpointing``), train mode. Also on a model
+    whose parameters are still on the meta device (before sharding)."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.lora_r is not None:
@@ -63,6 +80,7 @@ def make_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
                           lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
+        init_lora(model, cfg.seed)  # the same start for every strategy and world size
     if cfg.gradient_checkpointing:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -79,6 +97,22 @@ def trainable_parameters(module: torch.nn.Module) -> List[torch.nn.Parameter]:
     if not params:
         raise ValueError("the model has no trainable parameter")
     return params
+
+
+def state_bytes(module: Optional[torch.nn.Module],
+                optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Bytes of ``module``'s parameters and ``optimizer``'s state tensors held by this process
+    (the local shards of FSDP2 DTensors)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    n = sum(nbytes(p) for p in module.parameters()) if module is not None else 0
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            n += sum(nbytes(v) for v in st.values() if isinstance(v, torch.Tensor))
+    return n
 
 
 def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig,

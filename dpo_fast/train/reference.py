@@ -1,9 +1,11 @@
 """The reference pass: fill the on-disk cache for the pairs the run will visit (the
 reference model, if separate, is loaded, used and freed here) and look their log-probs up
-into dense tables the steps index by pair."""
+into dense tables the steps index by pair. Under FSDP2 the pass runs through the sharded
+model, every rank in lockstep."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,9 @@ from ..data import PreferenceExample
 from ..models import load_model
 from ..refcache import MissingRowsError, RefLogProbCache, fingerprint
 from .config import TrainConfig
+from .distributed import DistContext, FsdpSettings, reshard
 from .modeling import model_dtype
+from .sharding import base_state, is_peft, load_sharded
 
 
 @dataclass
@@ -56,28 +60,65 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def reference_view(model: torch.nn.Module):
+    """``(module, context)``: what computes the reference for ``model``: a peft model's base
+    model with its adapters off inside ``context``, else the model itself."""
+    if is_peft(model):
+        return model.get_base_model(), model.disable_adapter()
+    return model, contextlib.nullcontext()
+
+
 def fill_reference(cfg: TrainConfig, policy: torch.nn.Module, tokenizer,
                    train: Sequence[PreferenceExample], needed: np.ndarray,
                    held_out: Optional[Sequence[PreferenceExample]], device: torch.device,
                    output_dir: Path, *, stage: Callable[[str], None],
-                   progress: Callable) -> ReferenceTables:
+                   progress: Callable, root: Optional[torch.nn.Module] = None,
+                   dist: Optional[DistContext] = None,
+                   fsdp: Optional[FsdpSettings] = None) -> ReferenceTables:
     """Reference log-probs of the train pairs ``needed`` (sorted indices) and of every
     held-out pair, from the cache (computed there first where missing). The reference is
-    ``cfg.ref_model`` if set, else ``policy`` (before any training step)."""
+    ``cfg.ref_model`` if set, else ``policy`` (before any training step; a peft policy with
+    its adapters off).
+
+    ``root``: the FSDP2 root of a sharded ``policy`` (:mod:`.sharding`). The pass then runs
+    inside the root's forward (its embeddings and head gathered, each layer gathered in its
+    own forward) on every rank in lockstep, and a separate ``ref_model`` is loaded sharded
+    the same way (``dist``, ``fsdp``) and freed after."""
     path = cache_path(cfg, output_dir)
     examples = [train[i] for i in needed] + list(held_out or ())
-    ref = policy
+    ref, ref_root = policy, root
     if cfg.ref_model is not None:
         stage(f"loading the reference model {cfg.ref_model}")
-        ref = load_model(cfg.ref_model, dtype=model_dtype(cfg), device=device,
-                         what="TrainConfig.ref_model")
+        if root is not None:
+            ref, ref_root, _ = load_sharded(cfg.ref_model, dtype=model_dtype(cfg), dist=dist,
+                                            device=device, fsdp=fsdp,
+                                            what="TrainConfig.ref_model", seed=cfg.seed,
+                                            stage=stage)
+        else:
+            ref = load_model(cfg.ref_model, dtype=model_dtype(cfg), device=device,
+                             what="TrainConfig.ref_model")
     stage(f"reference log-probs -> {path}")
-    fp = fingerprint(ref, tokenizer, max_length=cfg.max_length)
-    cache = RefLogProbCache.ensure(ref, examples, path, fingerprint=fp,
-                                   batch_tokens=ref_batch_tokens(cfg, device),
-                                   progress=progress, rows_per_shard=cfg.ref_rows_per_shard)
+    view, adapters_off = reference_view(ref)
+    bf16 = root is not None and fsdp is not None and fsdp.bf16  # gathered in bf16
+    fp = fingerprint(view, tokenizer, max_length=cfg.max_length,
+                     dtype=torch.bfloat16 if bf16 else None,
+                     state_dict=base_state(ref) if is_peft(ref) else None)
+
+    def build(_lm=None):
+        with adapters_off:
+            return RefLogProbCache.ensure(view, examples, path, fingerprint=fp,
+                                          batch_tokens=ref_batch_tokens(cfg, device),
+                                          progress=progress,
+                                          rows_per_shard=cfg.ref_rows_per_shard,
+                                          lockstep=ref_root is not None)
+
+    if ref_root is None:
+        cache = build()
+    else:
+        cache = ref_root(build)
+        reshard(ref_root)
     if ref is not policy:
-        del ref
+        del ref, view, ref_root
         release_memory(device)
     table = np.full((len(train), 2), np.nan, dtype=np.float32)
     table[needed] = pair_table(cache, [train[i] for i in needed])

@@ -50,6 +50,13 @@ class TrainResult:
         precompute_seconds: time spent filling the reference cache in this run.
         cpu_threads: on the CPU, the threads the run used (``adaptive_threads``: whether and
             for how long it lowered them); None on a GPU.
+        phase_memory_mb: phase -> peak host RSS (MiB) of each process during it, by rank:
+            ``start`` (imports, launch), ``data``, ``load``, ``reference`` (the reference
+            pass), ``setup`` (wrap, optimizer, resume, first evaluation), ``train`` (the
+            steps), ``finish`` (last evaluation, samples, export). The largest is the run's.
+        phase_cuda_memory_mb: the same for CUDA allocated memory ({} on the CPU).
+        model_state_mb: by rank, the MiB of parameters and optimizer state the process
+            holds at the end of training (its shards under FSDP2).
     """
 
     output_dir: str
@@ -74,6 +81,9 @@ class TrainResult:
     sample_score_after: Optional[float] = None
     precompute_seconds: float = 0.0
     cpu_threads: Optional[str] = None
+    phase_memory_mb: Dict[str, List[float]] = field(default_factory=dict)
+    phase_cuda_memory_mb: Dict[str, List[float]] = field(default_factory=dict)
+    model_state_mb: List[float] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
