@@ -145,8 +145,9 @@ class TrainConfig:
             device for its forward and backward. On a CPU-only run there is nothing to offload
             to and it changes nothing.
         fsdp_reshard_after_forward: Under fsdp2, free each layer's gathered parameters after
-            its forward and gather them again in backward (false: keep them until backward;
-            more memory, fewer all-gathers).
+            its forward and gather them again in backward; the root unit (embeddings, norm,
+            head) keeps its own until backward, which needs them first (FSDP2's default).
+            false: every layer keeps them until backward (more memory, fewer all-gathers).
         max_shard_size: Size cap of one safetensors file of the final model ("5GB", "500MB",
             or bytes). Under fsdp2 the files are written one tensor at a time, so no process
             holds the whole model; with several files an index names them.

@@ -176,8 +176,11 @@ class FsdpSettings:
             optimizer state and the gradient reduction stay fp32 (``precision=bf16``).
         cpu_offload: ``CPUOffloadPolicy``: shards, their gradients and the optimizer state
             live in host memory; each unit is copied to the device for its forward / backward.
-        reshard_after_forward: free a unit's gathered parameters after its forward (gather
-            again in backward); False keeps them until backward (more memory, fewer gathers).
+        reshard_after_forward: True: FSDP2's default (``None``): each decoder layer frees
+            its gathered parameters after its forward and gathers them again in backward, the
+            root keeps its own (embeddings, norm, head: needed again as soon as backward
+            starts) instead of gathering them twice; False: every unit keeps them until
+            backward (more memory, fewer gathers).
     """
 
     bf16: bool = False
@@ -187,7 +190,8 @@ class FsdpSettings:
     def kwargs(self) -> Dict[str, Any]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        kw: Dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
+        kw: Dict[str, Any] = {"reshard_after_forward": None if self.reshard_after_forward
+                              else False}
         if self.bf16:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
