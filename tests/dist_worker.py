@@ -2,6 +2,7 @@
 
     python dist_worker.py CONFIG_JSON            train with TrainConfig(**json)
     python dist_worker.py grads CONFIG_JSON      fused loss + grads through the engine vs alone
+    python dist_worker.py collectives CONFIG_JSON   gloo collectives just before the exit
 
 Environment: HOLD_AT=k  rank 0 prints "STEP k" after step k and then sleeps (for a kill);
 DIE_AT=k  rank 1 kills itself with SIGKILL after step k; SLOW=s  every rank sleeps s seconds
@@ -43,7 +44,7 @@ def train(cfg):
         print("RESULT " + json.dumps(res.to_dict()), flush=True)
     from dpo_fast.train.distributed import teardown
 
-    teardown(t.dist)  # as the CLI does: exiting with a live gloo group can abort the process
+    teardown(t.dist)  # as the CLI does
 
 
 def grads(cfg):
@@ -94,8 +95,47 @@ def grads(cfg):
     distributed.teardown(ctx)
 
 
+class _Finalized:
+    """Writes ``path`` when the interpreter finalizes (``__main__``'s globals are cleared)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __del__(self):
+        Path(self.path).write_text("finalized")
+
+
+def collectives(cfg):
+    """Gloo all-reduces of Python tensors, each dropped at once, with the group kept alive
+    (as FSDP2's DTensor caches keep it), then the CLI's exit: a worker thread that frees the
+    last one while the interpreter finalizes aborts the process. Writes ``<out>/atexit-<rank>``
+    from an exit handler and ``<out>/finalized-<rank>`` if the interpreter finalized."""
+    import atexit
+
+    from dpo_fast.train import distributed
+
+    ctx, _ = distributed.setup("auto", "cpu", 60)
+    rank = ctx.rank
+    out = Path(cfg["out"])
+    atexit.register(lambda: (out / f"atexit-{rank}").write_text("ran"))
+    globals()["_finalized"] = _Finalized(out / f"finalized-{rank}")
+    globals()["_group"] = torch.distributed.group.WORLD
+    for _ in range(cfg["n"]):
+        x = torch.ones(1000)
+        torch.distributed.all_reduce(x)
+        del x
+    distributed.teardown(ctx)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "grads":
         grads(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "collectives":
+        collectives(json.loads(sys.argv[2]))
+        if json.loads(sys.argv[2]).get("plain_exit"):  # the interpreter's own exit
+            sys.exit(0)
     else:
         train(json.loads(sys.argv[1]))
+    from dpo_fast.train.distributed import end_process
+
+    end_process(0)  # as the CLI does: gloo's threads would outlive the interpreter

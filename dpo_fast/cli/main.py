@@ -30,7 +30,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``dpo-fast``; returns the exit status (0 ok, 1 error, 2 usage,
-    130 interrupted)."""
+    130 interrupted). A process that ran in a torch.distributed job (under torchrun) exits
+    here instead, once its exit handlers ran and its output is flushed, skipping interpreter
+    finalization (:func:`dpo_fast.train.distributed.end_process`: gloo's worker threads
+    outlive the process group and abort a process that finalizes under them)."""
+    code = _run(argv)
+    dist_mod = sys.modules.get("dpo_fast.train.distributed")
+    if dist_mod is not None and dist_mod.group_ended():
+        dist_mod.end_process(code)
+    return code
+
+
+def _run(argv: Optional[List[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         parser().parse_args(argv)  # help, or a usage error (exit 2)
