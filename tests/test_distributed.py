@@ -138,6 +138,22 @@ def _model_params(d):
     return {n: p.detach() for n, p in m.named_parameters()}
 
 
+def _same_weights(pa, pb, lr, steps):
+    """The final weights of one training run on 1 and on N processes, which differ only in
+    the order of floating-point sums. Adam divides by sqrt(v): an element whose gradient is
+    ~0 moves by about lr a step in the direction its last bits give it, so a few such elements
+    differ by up to 2 x lr x steps (CI, 59.6M elements, lr 1e-3, 4 steps: 155 past 1e-5, the
+    largest 1.9e-4; the 22.7k-element tied model: 1 past 1e-5); all but 1e-4 of the elements
+    agree to 1e-5. A wrong reduction or a lost rank's gradient moves most of them (a run
+    against its own initial weights: 93% past 1e-5)."""
+    assert sorted(pa) == sorted(pb)
+    total = sum(p.numel() for p in pa.values())
+    off = sum(int(((pa[n] - pb[n]).abs() > 1e-5).sum()) for n in pa)
+    worst = max(float((pa[n] - pb[n]).abs().max()) for n in pa)
+    assert off <= 1e-4 * total, (off, total, worst)
+    assert worst <= 2 * lr * steps, (worst, off)
+
+
 def _same_run(one, many, tol=1e-5):
     a, b = losses(one), losses(many)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))  # rank 0 logs, once
@@ -154,9 +170,7 @@ def _same_run(one, many, tol=1e-5):
     with safe_open(str(one / "model.safetensors"), "pt") as fa, \
             safe_open(str(many / "model.safetensors"), "pt") as fb:
         assert sorted(fa.keys()) == sorted(fb.keys())  # tied weights saved once
-    # Adam divides by sqrt(v): a gradient element near 0 moves by up to lr whatever its last
-    # bits, so weights are held to lr / 10 (a wrong reduction moves them by ~lr x steps = 1e-2)
-    assert max(float((pa[n] - pb[n]).abs().max()) for n in pa) <= 1e-4
+    _same_weights(pa, pb, lr=1e-3, steps=10)
     ra, rb = (json.loads((d / "summary.json").read_text()) for d in (one, many))
     assert ra["train_metrics"]["num_tokens"] == rb["train_metrics"]["num_tokens"]  # summed
 
@@ -494,9 +508,7 @@ def test_sharded_memory_falls_with_processes_and_the_run_equals_one_process(setu
     assert losses(one)[-1][1] != losses(one)[0][1]
     files = sorted(p.name for p in four.glob("model*.safetensors"))
     assert len(files) >= 5 and (four / "model.safetensors.index.json").is_file(), files
-    pa, pb = _model_params(one), _model_params(four)
-    assert sorted(pa) == sorted(pb)
-    assert max(float((pa[n] - pb[n]).abs().max()) for n in pa) <= 1e-4
+    _same_weights(_model_params(one), _model_params(four), lr=1e-3, steps=4)
     # the reference cache: the bytes of the one-process build (same batches and shards)
     files = sorted(p.name for p in (one / "ref_cache").iterdir() if p.name != ".lock")
     assert files == sorted(p.name for p in (four / "ref_cache").iterdir() if p.name != ".lock")
