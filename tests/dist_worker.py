@@ -57,6 +57,7 @@ def grads(cfg):
     from dpo_fast.train.step import HeadSpec, micro_batch_loss
 
     from dpo_fast.models import model_parts
+    from dpo_fast.ops.head_grad import weight_grad_sink
     from tiny import random_examples
 
     ctx, dev = distributed.setup(cfg["strategy"], "cpu", 120.0)
@@ -74,7 +75,13 @@ def grads(cfg):
     mine = list(range(ctx.rank * k, (ctx.rank + 1) * k))
     mb_r = make_micro_batch([ex[i] for i in mine], "padded", 0)
     ref_r = torch.cat([ref[mine], ref[[4 + i for i in mine]]])
-    out = engine(lambda lm: micro_batch_loss(model_parts(lm), mb_r, ref_r, head, kw))
+    # head_blocks: the trainer's FSDP2 path, the head's weight gradient by vocabulary block
+    # reduced onto each rank's shard (no [V, D] gradient)
+    sink = distributed.head_grad_sink(model_parts(model).weight, ctx) \
+        if cfg.get("head_blocks") else None
+    assert (sink is not None) == bool(cfg.get("head_blocks"))
+    with weight_grad_sink(sink):
+        out = engine(lambda lm: micro_batch_loss(model_parts(lm), mb_r, ref_r, head, kw))
     out.loss.backward()
     loss = ctx.all_sum(out.loss.detach()) / ctx.world_size
     got = {}

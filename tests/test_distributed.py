@@ -270,14 +270,17 @@ def test_lora_under_fsdp2_equals_one_process_merges_and_resumes(setup):
     assert all(torch.equal(ad_r[k], ad_fs[k]) for k in ad_fs)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2-head-blocks"])
 @pytest.mark.parametrize("model", ["untied", "tied"])
 def test_fused_loss_and_grads_under_the_engine(setup, strategy, model):
     """Each rank takes 2 of 4 pairs; the engine's reduced head / embedding / layer gradients
     equal one process's on all 4 (FSDP2: the head gathered for the fused op, its gradient
-    reduce-scattered into the shards; tied: one parameter for both)."""
-    p = _run(_torchrun(2, str(WORKER), "grads",
-                       json.dumps({"strategy": strategy, "model": str(setup / model)})))
+    reduce-scattered into the shards, or, as the trainer runs it, sent block by block to the
+    rank holding those vocabulary rows; tied: one parameter for both, the embeddings' part
+    through FSDP2's reduce-scatter into the same shard)."""
+    cfg = {"strategy": strategy.replace("-head-blocks", ""), "model": str(setup / model),
+           "head_blocks": strategy.endswith("head-blocks")}
+    p = _run(_torchrun(2, str(WORKER), "grads", json.dumps(cfg)))
     r = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert r["names"] and r["world"] == 2 and r["tied"] == (model == "tied")
     assert r["loss"] == pytest.approx(r["loss_alone"], abs=1e-6)

@@ -29,6 +29,7 @@ from ..kernels.dpo_scratch import (
 )
 from ..kernels.options import HeadOptions
 from ..losses import PreferenceLossOutput, preference_loss
+from .head_grad import active_sink, blockwise_backward
 from .logprobs import (
     TRITON_IMPLS, backend_module, fake_grads, grads_or_empty, head_grads, prepare_inputs,
 )
@@ -201,6 +202,9 @@ def _seq_setup(ctx, inputs, keyword_only_inputs, output):
     kw = dict(keyword_only_inputs)
     del kw["num_seqs"]
     ctx.opts = HeadOptions(**kw)
+    # A weight-gradient sink (FSDP2: dW by vocabulary block, each reduced to the rank that
+    # holds those rows) applies to fp32 heads without bias on the CPU backends.
+    ctx.sink = active_sink(hidden, weight, bias, ctx.opts.impl)
     _, _, _, row_max, log_sum = output
     ctx.save_for_backward(hidden, weight, bias, targets, seq, row_max, log_sum)
 
@@ -209,6 +213,14 @@ def _seq_backward(ctx, g_seq, *_unused):
     hidden, weight, bias, targets, seq, row_max, log_sum = ctx.saved_tensors
     if g_seq is None:
         return (None,) * 5
+    if ctx.sink is not None and ctx.needs_input_grad[1]:
+        o = ctx.opts
+        g_tok = g_seq.float().index_select(0, seq)
+        dh = blockwise_backward(
+            backend_module(o.impl), hidden, weight, targets, row_max, log_sum, g_tok,
+            ignore_index=o.ignore_index, softcap=o.softcap, inv_temperature=o.inv_temperature,
+            need_dh=ctx.needs_input_grad[0], bounds=ctx.sink.bounds, emit=ctx.sink)
+        return (dh, None, None, None, None)
     dh, dw, db = _seq_bwd(hidden, weight, bias, targets, seq, row_max, log_sum, g_seq,
                           need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
                           **ctx.opts.op_kwargs())
@@ -336,6 +348,9 @@ def _scratch_chunks(batch: _Packed, max_scratch_bytes, loss_type
     the memory-flat path (see ``max_scratch_bytes`` in :func:`fused_preference_loss`)."""
     if torch.compiler.is_compiling():
         return [], 0
+    if torch.is_grad_enabled() and active_sink(batch.hidden, batch.weight, batch.bias,
+                                               batch.head.impl) is not None:
+        return [], 0  # the scratch engine forms the whole [V, D] dW in the forward
     if isinstance(max_scratch_bytes, str):
         if max_scratch_bytes != "auto":
             raise ValueError(f"max_scratch_bytes must be a positive int, None or 'auto', got "

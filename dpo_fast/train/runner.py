@@ -21,6 +21,7 @@ import torch
 from ..data import PreferenceExample
 from ..models import ModelParts, head_settings, model_parts
 from ..ops.dpo_loss import FusedPreferenceOutput
+from ..ops.head_grad import WeightGradSink, weight_grad_sink
 from . import batching, distributed
 from .batching import PADDED, MicroBatch, make_micro_batch, pair_tokens, split_step
 from .config import TrainConfig
@@ -109,12 +110,24 @@ class StepRunner:
         per_rank = [self.micro_batches(examples, s) if s else [] for s in share]
         return distributed.equalize(per_rank)[self.dist.rank]
 
+    def head_sink(self) -> Optional[distributed.ShardedHeadGrad]:
+        """Under FSDP2, the sink that takes the head's weight gradient by vocabulary block
+        (see :class:`dpo_fast.train.distributed.ShardedHeadGrad`), made once from the sharded
+        head parameter; None otherwise."""
+        if self.dist.strategy != "fsdp2":
+            return None
+        if "_head_sink" not in self.__dict__:
+            self.__dict__["_head_sink"] = distributed.head_grad_sink(
+                model_parts(self.model).weight, self.dist)
+        return self.__dict__["_head_sink"]
+
     def run(self, examples: Sequence[PreferenceExample], table: Optional[np.ndarray],
-            idx: Sequence[int], module: Optional[torch.nn.Module] = None
-            ) -> Tuple[MicroBatch, FusedPreferenceOutput]:
+            idx: Sequence[int], module: Optional[torch.nn.Module] = None,
+            sink: Optional[WeightGradSink] = None) -> Tuple[MicroBatch, FusedPreferenceOutput]:
         """(micro-batch, loss output) of pairs ``idx``; ``table`` [n, 2] holds their reference
         log-probs (None: reference-free). Through ``module`` (the DDP / FSDP2 engine, or the
-        plain :class:`PreferenceModule`) when given."""
+        plain :class:`PreferenceModule`) when given; ``sink`` takes the head's weight
+        gradient in the backward (:mod:`dpo_fast.ops.head_grad`)."""
         self.poll()
         mb = make_micro_batch([examples[i] for i in idx], self.attention, self.pad_id,
                               masks=self.masks, share_prompt=self.share_prompt).to(self.device)
@@ -129,9 +142,10 @@ class StepRunner:
 
         def compute(lm):
             parts = model_parts(lm) if gathered else self.parts
-            return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
-                                    precision=cfg.precision,
-                                    body=None if gathered else self.body)
+            with weight_grad_sink(sink):
+                return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
+                                        precision=cfg.precision,
+                                        body=None if gathered else self.body)
 
         out = compute(self.model) if module is None else module(compute)
         if self.review is not None:
@@ -153,11 +167,13 @@ class StepRunner:
         sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
         mbs = self.rank_micro_batches(examples, idx.tolist())
         ddp = self.dist.strategy == "ddp"
+        sink = self.head_sink()
         for j, mb_idx in enumerate(mbs):
             real = mb_idx is not None
             sync = ddp and j < len(mbs) - 1
             with engine.no_sync() if sync else contextlib.nullcontext():
-                mb, out = self.run(examples, table, mb_idx if real else [int(idx[0])], engine)
+                mb, out = self.run(examples, table, mb_idx if real else [int(idx[0])], engine,
+                                   sink)
                 # Normalized by the step's pair count: cutting a step into micro-batches
                 # differently (or accumulating, or over ranks) gives the same gradient.
                 w = mb.num_pairs / n_pairs * scale if real else 0.0
