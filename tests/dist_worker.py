@@ -52,7 +52,7 @@ def grads(cfg):
     of the same model: loss and every parameter's (full) gradient, printed by rank 0."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_fast.train import distributed
+    from dpo_fast.train import distributed, sharding
     from dpo_fast.train.batching import make_micro_batch
     from dpo_fast.train.step import HeadSpec, micro_batch_loss
 
@@ -77,7 +77,7 @@ def grads(cfg):
     ref_r = torch.cat([ref[mine], ref[[4 + i for i in mine]]])
     # head_blocks: the trainer's FSDP2 path, the head's weight gradient by vocabulary block
     # reduced onto each rank's shard (no [V, D] gradient)
-    sink = distributed.head_grad_sink(model_parts(model).weight, ctx) \
+    sink = sharding.head_grad_sink(model_parts(model).weight, ctx) \
         if cfg.get("head_blocks") else None
     assert (sink is not None) == bool(cfg.get("head_blocks"))
     with weight_grad_sink(sink):

@@ -58,11 +58,6 @@ def weight_grad_sink(sink: Optional[WeightGradSink]) -> Iterator[None]:
         _SINK.reset(token)
 
 
-def current_sink() -> Optional[WeightGradSink]:
-    """The sink of the enclosing :func:`weight_grad_sink`, or None."""
-    return _SINK.get()
-
-
 def active_sink(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                 impl: str) -> Optional[WeightGradSink]:
     """The enclosing sink if it applies to this head: a float32 head without bias whose

@@ -270,57 +270,6 @@ def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device,
     return mod, mod
 
 
-class ShardedHeadGrad:
-    """FSDP2's sink for the LM head's weight gradient (:mod:`dpo_fast.ops.head_grad`): the
-    blocks are the ranks' shard rows (``torch.chunk`` of the vocabulary, as FSDP2 shards
-    dim 0), and block ``r`` is summed onto rank ``r`` (one ``reduce`` per block, every rank
-    in the same order) and added, divided by the world size as FSDP2 averages, into that
-    rank's shard of the gradient. FSDP2 adds its own reduce-scatter (the tied embeddings'
-    gradient) into the same shard after. So no process holds the head's whole ``[V, D]``
-    gradient: one ``[V/N, D]`` block at a time instead.
-
-    Args:
-        param: the sharded head weight (a DTensor parameter of the FSDP2 root).
-        ctx: the process group's ranks.
-    """
-
-    def __init__(self, param: torch.nn.Parameter, ctx: DistContext):
-        rows = int(param.shape[0])
-        per = -(-rows // ctx.world_size)
-        self.bounds = [(min(r * per, rows), min((r + 1) * per, rows))
-                       for r in range(ctx.world_size)]
-        start, stop = self.bounds[ctx.rank]
-        if int(param.to_local().shape[0]) != stop - start:
-            raise RuntimeError(f"the head's shard has {param.to_local().shape[0]} rows on rank "
-                               f"{ctx.rank}, not torch.chunk's {stop - start}")
-        self.param, self.ctx = param, ctx
-
-    def __call__(self, block: int, grad: torch.Tensor) -> None:
-        grad.div_(self.ctx.world_size)
-        dist.reduce(grad, dst=block)
-        if block != self.ctx.rank:
-            return
-        p = self.param
-        with torch.no_grad():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            local = p.grad.to_local()
-            local.add_(grad.to(device=local.device, dtype=local.dtype))
-
-
-def head_grad_sink(parts_weight: torch.nn.Parameter, ctx: DistContext
-                   ) -> Optional[ShardedHeadGrad]:
-    """The FSDP2 head-gradient sink for a sharded, trainable head weight; None otherwise
-    (DDP, one process, a frozen head)."""
-    if ctx.strategy != "fsdp2" or not ctx.active or not parts_weight.requires_grad:
-        return None
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(parts_weight, DTensor):
-        return None
-    return ShardedHeadGrad(parts_weight, ctx)
-
-
 def reshard(root: torch.nn.Module) -> None:
     """Frees the gathered parameters FSDP2 keeps after a forward that had no backward (the
     units with ``reshard_after_forward=False``), so the modules hold their shards again (and

@@ -10,6 +10,7 @@ policy is final (after LoRA) by :meth:`StepRunner.for_model`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ..data import PreferenceExample
 from ..models import ModelParts, head_settings, model_parts
 from ..ops.dpo_loss import FusedPreferenceOutput
 from ..ops.head_grad import WeightGradSink, weight_grad_sink
-from . import batching, distributed
+from . import batching, distributed, sharding
 from .batching import PADDED, MicroBatch, make_micro_batch, pair_tokens, split_step
 from .config import TrainConfig
 from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
@@ -110,16 +111,12 @@ class StepRunner:
         per_rank = [self.micro_batches(examples, s) if s else [] for s in share]
         return distributed.equalize(per_rank)[self.dist.rank]
 
-    def head_sink(self) -> Optional[distributed.ShardedHeadGrad]:
+    @functools.cached_property
+    def head_sink(self) -> Optional[sharding.ShardedHeadGrad]:
         """Under FSDP2, the sink that takes the head's weight gradient by vocabulary block
-        (see :class:`dpo_fast.train.distributed.ShardedHeadGrad`), made once from the sharded
-        head parameter; None otherwise."""
-        if self.dist.strategy != "fsdp2":
-            return None
-        if "_head_sink" not in self.__dict__:
-            self.__dict__["_head_sink"] = distributed.head_grad_sink(
-                model_parts(self.model).weight, self.dist)
-        return self.__dict__["_head_sink"]
+        (:class:`dpo_fast.train.sharding.ShardedHeadGrad`), made at the first training step
+        from the sharded head parameter; None otherwise."""
+        return sharding.head_grad_sink(model_parts(self.model).weight, self.dist)
 
     def run(self, examples: Sequence[PreferenceExample], table: Optional[np.ndarray],
             idx: Sequence[int], module: Optional[torch.nn.Module] = None,
@@ -167,7 +164,7 @@ class StepRunner:
         sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
         mbs = self.rank_micro_batches(examples, idx.tolist())
         ddp = self.dist.strategy == "ddp"
-        sink = self.head_sink()
+        sink = self.head_sink
         for j, mb_idx in enumerate(mbs):
             real = mb_idx is not None
             sync = ddp and j < len(mbs) - 1

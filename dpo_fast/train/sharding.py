@@ -74,6 +74,14 @@ def is_dtensor(t) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
+def chunk_rows(d0: int, world: int, rank: int) -> Tuple[int, int]:
+    """``(start, stop)``: rank ``rank``'s rows of ``d0`` under ``torch.chunk`` over ``world``
+    (FSDP2's dim-0 sharding: ceil(d0 / world) rows each, the last ones short or empty)."""
+    chunk = math.ceil(d0 / world) if d0 else 0
+    start = min(rank * chunk, d0)
+    return start, min(start + chunk, d0)
+
+
 def local_rows(t: Tensor) -> Tuple[int, int]:
     """``(start, stop)``: the rows of dim 0 of ``t``'s full tensor this process holds
     (``torch.chunk`` over the FSDP2 mesh; all rows for a plain tensor)."""
@@ -86,15 +94,55 @@ def local_rows(t: Tensor) -> Tuple[int, int]:
         raise ValueError(f"expected a dim-0 FSDP2 shard, got placements {t.placements}")
     mesh = t.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
-    d0 = t.shape[0]
-    chunk = math.ceil(d0 / world) if d0 else 0
-    start = min(rank * chunk, d0)
-    stop = min(start + chunk, d0)
+    start, stop = chunk_rows(t.shape[0], world, rank)
     local = t.to_local()
     if local.shape[0] != stop - start:
         raise ValueError(f"FSDP2 shard of {tuple(t.shape)} on rank {rank}/{world} has "
                          f"{local.shape[0]} rows, expected rows {start}:{stop}")
     return start, stop
+
+
+class ShardedHeadGrad:
+    """FSDP2's sink for the LM head's weight gradient (:mod:`dpo_fast.ops.head_grad`): the
+    blocks are the ranks' shard rows (``torch.chunk`` of the vocabulary, as FSDP2 shards
+    dim 0), and block ``r`` is summed onto rank ``r`` (one ``reduce`` per block, every rank
+    in the same order) and added, divided by the world size as FSDP2 averages, into that
+    rank's shard of the gradient. FSDP2 adds its own reduce-scatter (the tied embeddings'
+    gradient) into the same shard after. So no process holds the head's whole ``[V, D]``
+    gradient: one ``[V/N, D]`` block at a time instead.
+
+    Args:
+        param: the sharded head weight (a DTensor parameter of the FSDP2 root).
+        ctx: the process group's ranks.
+    """
+
+    def __init__(self, param: torch.nn.Parameter, ctx: DistContext):
+        rows = int(param.shape[0])
+        self.bounds = [chunk_rows(rows, ctx.world_size, r) for r in range(ctx.world_size)]
+        local_rows(param)  # refuses a shard that is not torch.chunk's rows
+        self.param, self.ctx = param, ctx
+
+    def __call__(self, block: int, grad: torch.Tensor) -> None:
+        grad.div_(self.ctx.world_size)
+        torch.distributed.reduce(grad, dst=block)
+        if block != self.ctx.rank:
+            return
+        p = self.param
+        with torch.no_grad():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local = p.grad.to_local()
+            local.add_(grad.to(device=local.device, dtype=local.dtype))
+
+
+def head_grad_sink(parts_weight: torch.nn.Parameter, ctx: DistContext
+                   ) -> Optional[ShardedHeadGrad]:
+    """The FSDP2 head-gradient sink for a sharded, trainable head weight; None otherwise
+    (DDP, one process, a frozen head)."""
+    if (ctx.strategy != "fsdp2" or not ctx.active or not parts_weight.requires_grad
+            or not is_dtensor(parts_weight)):
+        return None
+    return ShardedHeadGrad(parts_weight, ctx)
 
 
 @torch.no_grad()
