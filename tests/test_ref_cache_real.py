@@ -521,9 +521,17 @@ def test_two_precomputes_into_one_folder_both_land(real, tmp_path):
         assert dropped == []
     assert not {e.key for e in exs["a"]} & {e.key for e in exs["b"]}
     settings = dict(batch_tokens=BATCH_TOKENS, rows_per_shard=16)
-    clean = {name: RefLogProbCache.build(real.model, e, tmp_path / f"clean-{name}",
-                                         fingerprint=real.fp, **settings)
-             for name, e in exs.items()}
+    # One thread everywhere: with two, A's thread governor drops to one when B starts
+    # (dpo_fast/threads.py), and torch's body kernels then reduce in another order (last-bit
+    # differences from the clean build, seen in CI); a one-thread process is not governed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clean = {name: RefLogProbCache.build(real.model, e, tmp_path / f"clean-{name}",
+                                             fingerprint=real.fp, **settings)
+                 for name, e in exs.items()}
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "conc"
 
     def start(name, rows):
@@ -531,9 +539,10 @@ def test_two_precomputes_into_one_folder_both_land(real, tmp_path):
         args = ["--model", str(real.model_dir), "--data", str(data), "--out", str(out),
                 "--max-length", str(MAX_LENGTH), "--rows-per-shard", "16", "--batch-tokens",
                 str(BATCH_TOKENS), "--device", "cpu", "--no-progress"]
+        env = dict(_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         return subprocess.Popen([sys.executable, "-m", "dpo_fast", "precompute", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_env(), cwd=str(ROOT))
+                                env=env, cwd=str(ROOT))
 
     a = start("a", rows_a)
     t0 = time.monotonic()
