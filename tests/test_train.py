@@ -31,6 +31,7 @@ from dpo_fast.train import (  # noqa: E402
     PACKED_EAGER,
     PACKED_FLASH,
     PACKED_SDPA,
+    PACKED_SEGMENTS,
     PADDED,
     DataError,
     TrainConfig,
@@ -101,7 +102,7 @@ def test_step_one_loss_is_ln2_with_the_initial_policy_as_reference(tmp_path):
     first = train_losses(res.output_dir)[0]
     assert first[0] == 1
     assert abs(first[1] - LN2) <= 1e-6, first
-    assert res.attention == PACKED_SDPA  # what the trainer uses on CPU for Llama
+    assert res.attention == PACKED_SEGMENTS  # what the trainer uses on CPU for Llama
 
 
 # ------------------------------------------------------------------------------ packing
@@ -124,11 +125,13 @@ def _loss_and_grads(model, examples, ref, path, groups, masks, share=False):
     return total, grads
 
 
+@pytest.mark.parametrize("requested", ["auto", "block_mask"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_padded_equals_one_at_a_time(attn):
+def test_packed_equals_padded_equals_one_at_a_time(attn, requested):
     model = tiny_model(attn_implementation=attn).train()
-    path = attention_path(model, "auto", torch.device("cpu"))
-    assert path == {"sdpa": PACKED_SDPA, "eager": PACKED_EAGER}[attn]
+    path = attention_path(model, requested, torch.device("cpu"))
+    assert path == (PACKED_SEGMENTS if requested == "auto"
+                    else {"sdpa": PACKED_SDPA, "eager": PACKED_EAGER}[attn])
     examples = random_examples(6, seed=3)
     ref = -torch.rand(12) * 10 - 30
     masks = mask_plan(model)
@@ -220,6 +223,7 @@ def test_heads_match_full_logits(name):
 
 
 def test_a_leaking_packed_path_is_refused_or_replaced(monkeypatch):
+    from dpo_fast.ops.segment_attention import SegmentLayout
     from dpo_fast.train import batching
 
     model = tiny_model()
@@ -228,8 +232,20 @@ def test_a_leaking_packed_path_is_refused_or_replaced(monkeypatch):
     monkeypatch.setattr(batching, "block_causal_mask",
                         lambda seq, kind, window=None, pos=None, branch=None:
                         real(torch.zeros_like(seq), kind, window, pos, branch))
-    with pytest.warns(RuntimeWarning, match="padded batches"):
-        assert attention_path(model, "auto", torch.device("cpu")) == PADDED
+    with pytest.raises(ValueError, match="attention='block_mask' is not sound"):
+        attention_path(model, "block_mask", torch.device("cpu"))
+    assert attention_path(model, "auto", torch.device("cpu")) == PACKED_SEGMENTS
+    # Segments that run the row as one sequence leak too: auto falls back to the (leaking)
+    # mask, then to padded rows; "segments" refuses.
+    model = tiny_model()
+    monkeypatch.setattr(SegmentLayout, "of_sequences",
+                        classmethod(lambda cls, n: cls(((0, sum(n), 0, 0),), sum(n))))
+    with pytest.warns(RuntimeWarning, match="no segment attention"):
+        with pytest.warns(RuntimeWarning, match="padded batches"):
+            assert attention_path(model, "auto", torch.device("cpu")) == PADDED
+    assert model.config._attn_implementation == "sdpa"  # put back
+    with pytest.raises(ValueError, match="attention='segments' is not sound"):
+        attention_path(model, "segments", torch.device("cpu"))
     with pytest.raises(ValueError, match="attention='packed' is not sound"):
         attention_path(model, "packed", torch.device("cpu"))
 
@@ -684,6 +700,30 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
         out[gc_on] = train_losses(cfg.output_dir)
     for (_, a), (_, b) in zip(out[False], out[True]):
         assert abs(a - b) <= 1e-6
+
+
+def test_a_pair_over_the_token_budget_is_checkpointed_with_the_same_result(tmp_path):
+    """checkpoint_long_pairs: a micro-batch longer than max_tokens_per_micro_batch (here every
+    pair) recomputes each layer in backward (the layer runs twice per micro-batch), micro-
+    batches within the budget do not; weights after training equal a run without it."""
+    weights, calls = {}, {}
+    for budget, armed in ((8, True), (8, False), (4096, True)):
+        model = tiny_model()
+        n = [0]
+        model.model.layers[0].self_attn.register_forward_pre_hook(  # training (re)computes
+            lambda *a: n.__setitem__(0, n[0] + torch.is_grad_enabled()))
+        cfg = config(tmp_path / f"{budget}{armed}", word_rows(8), max_steps=2, batch_size=2,
+                     max_tokens_per_micro_batch=budget, checkpoint_long_pairs=armed,
+                     ref_cache_dir=str(tmp_path / "ref"))
+        t = Trainer(cfg, model=model, tokenizer=tiny_tokenizer())
+        n[0] = 0
+        t.train()
+        weights[budget, armed] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        calls[budget, armed] = n[0]
+    assert calls[8, True] == 2 * calls[8, False] > 0  # 2 steps x 2 pairs, each recomputed
+    assert calls[4096, True] < calls[8, False]  # within the budget: one row per step, once
+    for k, v in weights[8, False].items():
+        assert torch.equal(weights[8, True][k], v), k
 
 
 class _Poison(TrainerCallback):

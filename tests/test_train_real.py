@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dpo_fast.assets import AssetMissingError, rotten_tomatoes_pairs, smollm2_dir
-from dpo_fast.train import PACKED_SDPA, TrainConfig, Trainer, TrainerCallback
+from dpo_fast.train import PACKED_SEGMENTS, TrainConfig, Trainer, TrainerCallback
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -90,5 +90,5 @@ def test_training_loss_falls_and_held_out_accuracy_rises(run):
 def test_only_the_policy_is_alive_and_packing_is_used(run):
     res, _, alive = run
     assert alive == [1] * STEPS
-    assert res.attention == PACKED_SDPA
+    assert res.attention == PACKED_SEGMENTS
     assert res.skipped_rows == {} and res.skipped_steps == 0

@@ -27,7 +27,7 @@ It imports the public surfaces of :mod:`dpo_fast.models`, :mod:`dpo_fast.data`,
 :mod:`dpo_fast.refcache` and :mod:`dpo_fast.ops`; nothing else imports it (the CLI does).
 """
 
-from .batching import PACKED_EAGER, PACKED_FLASH, PACKED_SDPA, PADDED
+from .batching import PACKED_EAGER, PACKED_FLASH, PACKED_SDPA, PACKED_SEGMENTS, PADDED
 from .callbacks import ProgressCallback, TrainerCallback
 from .checkpoint import CheckpointError
 from .config import TrainConfig
@@ -53,6 +53,7 @@ __all__ = [
     "TensorBoardCallback",
     "write_plots",
     "METRICS_FILE",
+    "PACKED_SEGMENTS",
     "PACKED_SDPA",
     "PACKED_EAGER",
     "PACKED_FLASH",

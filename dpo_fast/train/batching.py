@@ -9,11 +9,15 @@ order and skips the steps already done.
 Packing: the 2B sequences of a micro-batch (chosen 0..B-1, then rejected 0..B-1, the fused
 loss's order) are laid end to end in one row of L tokens, with position ids restarting at 0 for
 each sequence and ``seq_index`` naming each position's sequence. Attention must not cross
-sequences: a block-diagonal causal mask ``[1, 1, L, L]`` (bool for sdpa, additive float for
-eager) or, with flash-attn, the varlen kernels transformers picks from the restarting
-position ids. The padded layout (:func:`dpo_fast.pack_pair_batch`) is the fallback.
+sequences. The default is segment attention (:mod:`dpo_fast.ops.segment_attention`, registered
+with transformers as the model's attention function): the row's :class:`SegmentLayout` rides
+in the body's kwargs and each sequence attends causally within itself, with no ``[L, L]``
+tensor. The older paths remain as fallbacks and test oracles: a block-diagonal causal mask
+``[1, 1, L, L]`` (bool for sdpa, additive float for eager) or, with flash-attn, the varlen
+kernels transformers picks from the restarting position ids. The padded layout
+(:func:`dpo_fast.pack_pair_batch`) is the last resort.
 
-Shared prompts (mask paths, ``share_prompt=True``): each pair is laid out once as
+Shared prompts (segment and mask paths, ``share_prompt=True``): each pair is laid out once as
 ``prompt | chosen | rejected`` (P + C + R tokens instead of 2P + C + R). The rejected response's
 position ids continue from the prompt (P, P+1, ...), exactly as in its own sequence, and the
 mask is a tree: prompt tokens see the earlier prompt, each response sees the prompt and its own
@@ -36,14 +40,19 @@ from torch import Tensor
 
 from ..data import PreferenceExample, pack_pair_batch
 from ..models import model_parts, text_config
+from ..ops import segment_attention as seg_attn
+from ..ops.segment_attention import SegmentLayout
 
 IGNORE_INDEX = -100
 
 #: Attention paths (what :func:`attention_path` returns and the run summary reports).
+PACKED_SEGMENTS = "packed-segments"
 PACKED_SDPA = "packed-sdpa-block-mask"
 PACKED_EAGER = "packed-eager-block-mask"
 PACKED_FLASH = "packed-flash-varlen"
 PADDED = "padded"
+#: Paths whose rows can share a pair's prompt (a tree of segments or a tree mask).
+SHARING_PATHS = (PACKED_SEGMENTS, PACKED_SDPA, PACKED_EAGER)
 
 
 def pair_tokens(ex: PreferenceExample) -> int:
@@ -119,7 +128,9 @@ class MicroBatch:
         num_tokens: real (non-padding) tokens, prompts counted per sequence (also when the
             row holds each prompt once).
         model_inputs: keyword arguments of the body: packed -> ``input_ids [1, L]``,
-            ``position_ids [1, L]`` and (mask paths) ``attention_mask [1, 1, L, L]``; padded
+            ``position_ids [1, L]`` and (mask paths) ``attention_mask [1, 1, L, L]`` or
+            (segments) ``segment_layout`` (a :class:`SegmentLayout`) with a zero-size
+            ``attention_mask [1, 1, 0, 0]`` stand-in; padded
             -> ``input_ids [2B, T]``, ``attention_mask [2B, T]``.
         targets: packed [L] / padded [2B, T] int64 next-token ids, ``IGNORE_INDEX`` off the
             responses; shared-prompt rows: [M] targets of the rows ``hidden_index`` picks.
@@ -203,6 +214,11 @@ def _masks(plan: Optional[Dict[str, Optional[int]]], kind: str, seq: Tensor,
     return built[""] if "" in built else built
 
 
+def _segment_inputs(layout: SegmentLayout) -> Dict[str, object]:
+    """The body's attention kwargs of a segments row: the layout and the mask stand-in."""
+    return {"attention_mask": seg_attn.no_mask(), seg_attn.LAYOUT_KWARG: layout}
+
+
 def _shared_micro_batch(examples: Sequence[PreferenceExample], path: str,
                         masks: Optional[Dict[str, Optional[int]]], keys: np.ndarray
                         ) -> MicroBatch:
@@ -233,9 +249,13 @@ def _shared_micro_batch(examples: Sequence[PreferenceExample], path: str,
     hidden_index = np.concatenate(rows).astype(np.int64)
     seq_index = np.repeat(np.arange(2 * b), [t.size for t in tgts])
     ids_t, pos_t, grp_t, br_t = (torch.from_numpy(a) for a in (ids, pos, grp, branch))
-    kind = "bool" if path == PACKED_SDPA else "float"
-    inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None],
-              "attention_mask": _masks(masks, kind, grp_t, pos_t, br_t)}
+    inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None]}
+    if path == PACKED_SEGMENTS:
+        inputs.update(_segment_inputs(SegmentLayout.of_shared_pairs(
+            [(e.prompt_ids.size, e.chosen_ids.size, e.rejected_ids.size) for e in examples])))
+    else:
+        kind = "bool" if path == PACKED_SDPA else "float"
+        inputs["attention_mask"] = _masks(masks, kind, grp_t, pos_t, br_t)
     return MicroBatch("packed", b, sum(pair_tokens(e) for e in examples), inputs,
                       torch.from_numpy(np.concatenate(tgts).astype(np.int64)),
                       torch.from_numpy(seq_index), keys, torch.from_numpy(hidden_index))
@@ -246,9 +266,10 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
                      masks: Optional[Dict[str, Optional[int]]] = None,
                      share_prompt: bool = False) -> MicroBatch:
     """Builds the :class:`MicroBatch` of ``examples`` for attention ``path`` (one of
-    :data:`PACKED_SDPA`, :data:`PACKED_EAGER`, :data:`PACKED_FLASH`, :data:`PADDED`);
-    ``masks`` is the model's :func:`mask_plan` (default: one full-attention mask);
-    ``share_prompt`` lays each pair's prompt once (mask paths only; ignored otherwise)."""
+    :data:`PACKED_SEGMENTS`, :data:`PACKED_SDPA`, :data:`PACKED_EAGER`, :data:`PACKED_FLASH`,
+    :data:`PADDED`); ``masks`` is the model's :func:`mask_plan` (default: one full-attention
+    mask); ``share_prompt`` lays each pair's prompt once (:data:`SHARING_PATHS` only; ignored
+    otherwise)."""
     b = len(examples)
     keys = np.frombuffer(b"".join(e.key_bytes for e in examples), dtype=np.uint8).reshape(b, 16)
     if path == PADDED:
@@ -256,7 +277,7 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
         return MicroBatch("padded", b, int(pb.attention_mask.sum()),
                           {"input_ids": pb.input_ids, "attention_mask": pb.attention_mask},
                           pb.targets, None, keys)
-    if share_prompt and path in (PACKED_SDPA, PACKED_EAGER):
+    if share_prompt and path in SHARING_PATHS:
         return _shared_micro_batch(examples, path, masks, keys)
     seqs = [(e.prompt_ids, e.chosen_ids) for e in examples] + \
            [(e.prompt_ids, e.rejected_ids) for e in examples]
@@ -276,7 +297,10 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
         o += lp + ly
     ids_t, pos_t, seq_t = (torch.from_numpy(a) for a in (ids, pos, seq))
     inputs = {"input_ids": ids_t[None], "position_ids": pos_t[None]}
-    if path in (PACKED_SDPA, PACKED_EAGER):
+    if path == PACKED_SEGMENTS:
+        inputs.update(_segment_inputs(SegmentLayout.of_sequences(
+            [p.size + y.size for p, y in seqs])))
+    elif path in (PACKED_SDPA, PACKED_EAGER):
         inputs["attention_mask"] = _masks(masks, "bool" if path == PACKED_SDPA else "float",
                                           seq_t)
     elif path != PACKED_FLASH:
@@ -284,22 +308,82 @@ def make_micro_batch(examples: Sequence[PreferenceExample], path: str,
     return MicroBatch("packed", b, total, inputs, torch.from_numpy(tgt), seq_t, keys)
 
 
+#: Attention implementations segment attention takes over (it keeps their behaviour for
+#: calls without a layout: sdpa, or eager where the model soft-caps scores).
+SEGMENT_BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", seg_attn.ATTN_NAME)
+
+
+def segments_unsupported(model) -> Optional[str]:
+    """Why segment attention cannot run ``model``'s packed rows, or None if it can."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if impl not in SEGMENT_BASES:
+        return f"its attention implementation is {impl!r}"
+    for name, mod in model.named_modules():
+        p = getattr(mod, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0 and hasattr(mod, "q_proj"):
+            return (f"{name} has attention dropout {p} (segment attention has none; "
+                    "disable_dropout=True turns it off)")
+    return None
+
+
+def use_segments(model) -> str:
+    """Registers segment attention with transformers and makes it ``model``'s attention
+    implementation; returns the implementation it replaced (for :func:`restore_attention`)."""
+    before = getattr(model.config, "_attn_implementation", None) or "eager"
+    model.set_attn_implementation(seg_attn.register())
+    return before
+
+
+def restore_attention(model, impl: str) -> None:
+    model.set_attn_implementation(impl)
+
+
 def attention_path(model, requested: str, device: torch.device) -> str:
     """Which layout and attention a model can run packed sequences with.
 
-    ``requested``: "auto", "packed" or "padded". Packed rows need attention that keeps the
-    sequences apart: flash-attn's varlen kernels (``flash_attention_2`` on CUDA, driven by the
-    restarting position ids), or a block-diagonal 4D mask with ``sdpa`` (bool) or ``eager``
-    (float). Other implementations (flex_attention, ...) are not relied on: "auto" falls back to
-    padded rows and "packed" raises.
+    ``requested``: "auto", "packed", "segments", "block_mask" or "padded". Packed rows need
+    attention that keeps the sequences apart. In order of preference:
+
+    * segment attention (:data:`PACKED_SEGMENTS`; "auto", "packed", "segments"): each sequence
+      causal within itself, no ``[L, L]`` tensor, prompts shared; the model's attention
+      implementation becomes :data:`dpo_fast.ops.segment_attention.ATTN_NAME`;
+    * flash-attn's varlen kernels (``flash_attention_2`` on CUDA, driven by the restarting
+      position ids; no prompt sharing);
+    * a block-diagonal 4D mask with ``sdpa`` (bool) or ``eager`` (float) ("block_mask" asks
+      for it).
+
+    Each candidate must pass :func:`verify_packing`. Otherwise "auto" falls back to padded rows
+    and the others raise.
     """
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
     if requested == "padded":
         return PADDED
-    path = None
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    why = None
     if mask_plan(model) is None:
         why = "it has attention layers a block mask cannot describe"
-    elif impl in ("flash_attention_2", "flash_attention_3") and device.type == "cuda":
+    elif requested in ("auto", "packed", "segments"):
+        why = segments_unsupported(model)
+        if why is None:
+            before = use_segments(model)
+            try:
+                ok, detail = verify_packing(model, PACKED_SEGMENTS, device)
+            except (RuntimeError, ValueError, TypeError) as e:
+                ok, detail = False, f"{type(e).__name__}: {e}"
+            if ok:
+                return PACKED_SEGMENTS
+            restore_attention(model, before)
+            why = f"a segments forward differs from separate forwards ({detail})"
+            if requested != "segments":
+                warnings.warn(f"{type(model).__name__}: no segment attention ({why})",
+                              RuntimeWarning, stacklevel=2)
+        if requested == "segments":
+            raise ValueError(f"attention='segments' is not sound for {type(model).__name__}: "
+                             f"{why}; use attention='block_mask', 'padded' or 'auto'")
+    path = None
+    if mask_plan(model) is None:
+        pass
+    elif impl in ("flash_attention_2", "flash_attention_3") and device.type == "cuda" \
+            and requested != "block_mask":
         path = PACKED_FLASH
     elif impl == "sdpa":
         path = PACKED_SDPA
@@ -312,9 +396,9 @@ def attention_path(model, requested: str, device: torch.device) -> str:
         if ok:
             return path
         why = f"a packed forward differs from separate forwards ({detail})"
-    if requested == "packed":
-        raise ValueError(f"attention='packed' is not sound for {type(model).__name__}: {why}; "
-                         "use attention='padded' or 'auto'")
+    if requested != "auto":
+        raise ValueError(f"attention={requested!r} is not sound for {type(model).__name__}: "
+                         f"{why}; use attention='padded' or 'auto'")
     warnings.warn(f"{type(model).__name__}: padded batches ({why})", RuntimeWarning,
                   stacklevel=2)
     return PADDED

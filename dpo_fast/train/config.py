@@ -25,7 +25,7 @@ OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 BAD_ROW_POLICIES = ("skip", "error")
 TRUNCATION_MODES = ("keep_start", "drop")
-ATTENTION_MODES = ("auto", "packed", "padded")
+ATTENTION_MODES = ("auto", "packed", "segments", "block_mask", "padded")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp2", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,12 +53,17 @@ class TrainConfig:
             process's cores and raise them back when the cores are free (keeps a step fast
             next to other jobs; alone nothing changes). Gradients can then differ in the last
             bits from a run that kept its threads; false keeps the thread count fixed.
-        attention: auto (packed if the model keeps packed sequences apart, else padded),
-            packed (fail if it cannot) or padded.
-        share_prompt: In packed rows with a block mask, lay each pair out as the prompt, then
-            both responses, so the prompt is computed once (a tree mask keeps each response to
-            its own context; same results as two sequences).
+        attention: auto (packed rows if the model keeps packed sequences apart, else padded),
+            packed (fail if it cannot), segments (packed rows through segment attention: no
+            [L, L] mask, memory linear in the row), block_mask (packed rows with a dense
+            [L, L] mask, the older path) or padded. auto and packed try segments first.
+        share_prompt: In packed rows with segments or a block mask, lay each pair out as the
+            prompt, then both responses, so the prompt is computed once (each response keeps
+            to its own context; same results as two sequences).
         gradient_checkpointing: Recompute the body's activations in backward.
+        checkpoint_long_pairs: Recompute the body's activations in backward for a micro-batch
+            longer than max_tokens_per_micro_batch (a pair over the budget runs alone), so a
+            long pair's memory is bounded by one layer's activations plus each layer's input.
         torch_compile: torch.compile the model body.
         lora_r: LoRA rank; set it to train peft LoRA adapters (pip install peft) instead of
             all weights.
@@ -171,9 +176,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     adaptive_threads: bool = True
-    attention: Literal["auto", "packed", "padded"] = "auto"
+    attention: Literal["auto", "packed", "segments", "block_mask", "padded"] = "auto"
     share_prompt: bool = True
     gradient_checkpointing: bool = False
+    checkpoint_long_pairs: bool = True
     torch_compile: bool = False
     lora_r: Optional[int] = None
     lora_alpha: float = 16.0

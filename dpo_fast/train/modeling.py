@@ -3,6 +3,7 @@ and learning-rate schedule. Each function takes what it needs and returns one va
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Callable, List, Optional
@@ -81,14 +82,42 @@ def make_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
         init_lora(model, cfg.seed)  # the same start for every strategy and world size
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or cfg.checkpoint_long_pairs:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:  # its name before transformers 5.2x
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if not cfg.gradient_checkpointing:  # armed, off until a long pair's micro-batch
+            set_layer_checkpointing(model, False)
     model.train()
     return model
+
+
+def checkpointed_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The decoder layers transformers can checkpoint (those given a checkpoint function)."""
+    return [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
+            and hasattr(m, "gradient_checkpointing")]
+
+
+def set_layer_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    for m in checkpointed_layers(model):
+        m.gradient_checkpointing = on
+
+
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, on: bool):
+    """Activation checkpointing of ``model``'s layers switched to ``on`` for one forward (the
+    checkpoint is taken at forward time, so the backward follows it), then put back."""
+    layers = checkpointed_layers(model)
+    before = [m.gradient_checkpointing for m in layers]
+    for m in layers:
+        m.gradient_checkpointing = on
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.gradient_checkpointing = b
 
 
 def trainable_parameters(module: torch.nn.Module) -> List[torch.nn.Parameter]:

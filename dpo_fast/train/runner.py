@@ -23,7 +23,7 @@ from ..data import PreferenceExample
 from ..models import ModelParts, head_settings, model_parts
 from ..ops.dpo_loss import FusedPreferenceOutput
 from ..ops.head_grad import WeightGradSink, weight_grad_sink
-from . import batching, distributed, sharding
+from . import batching, distributed, modeling, sharding
 from .batching import PADDED, MicroBatch, make_micro_batch, pair_tokens, split_step
 from .config import TrainConfig
 from .step import STAT_KEYS, HeadSpec, batch_stats, micro_batch_loss, summarize
@@ -79,7 +79,7 @@ class StepRunner:
         softcap, temperature = head_settings(model, None, 1.0)
         compute = torch.bfloat16 if cfg.precision == "bf16" else None
         attention = batching.attention_path(model, cfg.attention, device)
-        share = cfg.share_prompt and attention in (batching.PACKED_SDPA, batching.PACKED_EAGER)
+        share = cfg.share_prompt and attention in batching.SHARING_PATHS
         if share:
             ok, detail = batching.verify_packing(model, attention, device, share_prompt=True)
             if not ok:
@@ -137,9 +137,13 @@ class StepRunner:
         # the head from the module then, not from the parts found at setup.
         gathered = module is not None and self.dist.strategy == "fsdp2"
 
+        long = (cfg.checkpoint_long_pairs and self.model.training
+                and mb.model_inputs["input_ids"].numel() > cfg.max_tokens_per_micro_batch)
+
         def compute(lm):
             parts = model_parts(lm) if gathered else self.parts
-            with weight_grad_sink(sink):
+            with weight_grad_sink(sink), \
+                    modeling.checkpointing(self.model, True) if long else contextlib.nullcontext():
                 return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
                                         precision=cfg.precision,
                                         body=None if gathered else self.body)
