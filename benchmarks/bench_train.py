@@ -166,8 +166,45 @@ def _synthetic_rows(args, model_dir: str) -> List[Dict[str, str]]:
             for _ in range(args.steps * args.batch_size)]
 
 
+def long_review_rows(args, model_dir: str) -> List[Dict[str, str]]:
+    """``--long-reviews T``: rows of about T tokens per sequence from real Rotten Tomatoes
+    text: the prompt (``--prompt-share`` of T) quotes critics' reviews end to end, the chosen
+    response is fresh reviews and the rejected one rotten reviews, each cut to the rest of T
+    (token counts by the model's tokenizer; each row starts at other reviews)."""
+    import transformers
+
+    from dpo_fast.assets import rotten_tomatoes_pairs
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    train, _ = rotten_tomatoes_pairs(eval_fraction=0.1, seed=0)
+    quoted = [t for r in train for t in (r["chosen"], r["rejected"])]
+    fresh = [r["chosen"] for r in train]
+    rotten = [r["rejected"] for r in train]
+    t = args.long_reviews
+    p = int(t * args.prompt_share)
+
+    def cut(texts, start, n):
+        ids: List[int] = []
+        k = start
+        while len(ids) < n:
+            ids += tok(texts[k % len(texts)].strip() + "\n", add_special_tokens=False)["input_ids"]
+            k += 1
+        return tok.decode(ids[:n]), k
+
+    rows, a, b = [], 0, 0
+    for _ in range(args.steps * args.batch_size):
+        prompt, a = cut(quoted, a, p - 16)
+        chosen, b = cut(fresh, b, t - p)
+        rejected, _ = cut(rotten, b, t - p)
+        rows.append({"prompt": "What critics wrote:\n" + prompt + "\nWrite a review:",
+                     "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows
+
+
 def _all_rows(args, model_dir: str) -> List[Dict[str, str]]:
     """The rows dpo_fast's trainer is given (it picks and orders the pairs it visits)."""
+    if getattr(args, "long_reviews", 0):
+        return long_review_rows(args, model_dir)
     return _synthetic_rows(args, model_dir) if args.synthetic else _rows(args)
 
 
@@ -339,7 +376,8 @@ def worker_dpo_fast(args, model_dir: str) -> Dict[str, Any]:
                                   gradient_checkpointing=args.case == "dpo_fast_ckpt",
                                   ref_cache_dir=args.ref_cache, device=args.device,
                                   precision=args.precision,
-                                  adaptive_threads=getattr(args, "adaptive_threads", True))
+                                  adaptive_threads=getattr(args, "adaptive_threads", True),
+                                  attention=getattr(args, "attention", "auto"))
     if rec["ids"] != order.ids:
         raise RuntimeError("dpo_fast trained on other pairs than the planned visit order")
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
@@ -566,6 +604,10 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=0,
                    help="random token ids, this many tokens per sequence (GPU mode)")
     p.add_argument("--prompt-share", type=float, default=0.5)
+    p.add_argument("--long-reviews", type=int, default=0,
+                   help="Rotten Tomatoes reviews end to end, this many tokens per sequence "
+                        "(benchmarks/bench_long.py)")
+    p.add_argument("--attention", default="auto", help="dpo_fast's TrainConfig.attention")
     p.add_argument("--max-fit", type=int, nargs="*", default=None, metavar="T",
                    help="instead of the table: the longest of these sequence lengths (tokens "
                         "per sequence, 1 pair per step) one training step of TRL default and "

@@ -394,9 +394,10 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
                  callbacks: Sequence[Any] = (), output_dir: Optional[str] = None,
                  data_cache_dir: str = "", ref_cache_dir: Optional[str] = None,
                  device: str = "cpu", precision: str = "fp32",
-                 adaptive_threads: bool = True) -> Dict[str, Any]:
+                 adaptive_threads: bool = True, **config) -> Dict[str, Any]:
     """Runs :class:`dpo_fast.train.Trainer` on all of ``rows`` for ``steps`` steps with the
-    settings :func:`run_trl` gives TRL; its own order decides which pairs are visited.
+    settings :func:`run_trl` gives TRL; its own order decides which pairs are visited;
+    ``config`` sets other :class:`dpo_fast.train.TrainConfig` fields (e.g. ``attention``).
 
     Returns the same record as :func:`run_trl` (``steps`` read from ``metrics.jsonl``;
     ``tokens`` counted from the visited pairs' ids; ``precompute_s`` = the reference-cache fill
@@ -445,7 +446,7 @@ def run_dpo_fast(model_dir: str, rows: Sequence[Dict[str, Any]], *, steps: int,
             steps=steps, batch_size=batch_size, lr=lr, beta=beta, loss_type=loss_type,
             max_length=max_length, seed=seed, data_cache_dir=data_cache_dir,
             gradient_checkpointing=gradient_checkpointing, device=device, precision=precision,
-            adaptive_threads=adaptive_threads)
+            adaptive_threads=adaptive_threads, **config)
         trainer = Trainer(cfg, callbacks=[Clock(), *callbacks])
         res = trainer.train()
         rec["cpu_threads"] = res.cpu_threads

@@ -61,9 +61,10 @@ class TrainConfig:
             prompt, then both responses, so the prompt is computed once (each response keeps
             to its own context; same results as two sequences).
         gradient_checkpointing: Recompute the body's activations in backward.
-        checkpoint_long_pairs: Recompute the body's activations in backward for a micro-batch
-            longer than max_tokens_per_micro_batch (a pair over the budget runs alone), so a
-            long pair's memory is bounded by one layer's activations plus each layer's input.
+        checkpoint_long_pairs: For a micro-batch longer than max_tokens_per_micro_batch (a
+            pair over the budget runs alone), recompute the activations of the first
+            1 - budget / length of the layers in backward, so the activations kept are those
+            of a budget-sized row (plus the checkpointed layers' inputs).
         torch_compile: torch.compile the model body.
         lora_r: LoRA rank; set it to train peft LoRA adapters (pip install peft) instead of
             all weights.

@@ -95,7 +95,8 @@ def make_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
 
 def checkpointed_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The decoder layers transformers can checkpoint (those given a checkpoint function)."""
+    """The modules transformers checkpoints (given a checkpoint function), in model order:
+    the decoder layers (and the base model, whose flag transformers sets too)."""
     return [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")
             and hasattr(m, "gradient_checkpointing")]
 
@@ -106,17 +107,20 @@ def set_layer_checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 @contextlib.contextmanager
-def checkpointing(model: torch.nn.Module, on: bool):
-    """Activation checkpointing of ``model``'s layers switched to ``on`` for one forward (the
-    checkpoint is taken at forward time, so the backward follows it), then put back."""
-    layers = checkpointed_layers(model)
-    before = [m.gradient_checkpointing for m in layers]
-    for m in layers:
-        m.gradient_checkpointing = on
+def checkpointing(model: torch.nn.Module, fraction: float = 1.0):
+    """Activation checkpointing switched on for one forward (the checkpoint is taken at
+    forward time, so the backward follows it), then put back: for the first
+    ``ceil(fraction x n)`` of the n decoder layers (the rest keep their activations)."""
+    mods = checkpointed_layers(model)
+    layers = [m for m in mods if not any(c is not m and c in mods for c in m.modules())]
+    k = min(len(layers), math.ceil(fraction * len(layers) - 1e-9))
+    before = [m.gradient_checkpointing for m in mods]
+    for i, m in enumerate(layers):
+        m.gradient_checkpointing = m.gradient_checkpointing or i < k
     try:
         yield
     finally:
-        for m, b in zip(layers, before):
+        for m, b in zip(mods, before):
             m.gradient_checkpointing = b
 
 

@@ -137,13 +137,17 @@ class StepRunner:
         # the head from the module then, not from the parts found at setup.
         gathered = module is not None and self.dist.strategy == "fsdp2"
 
+        # A pair over the token budget runs alone: checkpoint as many layers as keep its
+        # activations to those of a row of the budget's length (1 - budget / row of them).
+        row = mb.model_inputs["input_ids"].numel()
         long = (cfg.checkpoint_long_pairs and self.model.training
-                and mb.model_inputs["input_ids"].numel() > cfg.max_tokens_per_micro_batch)
+                and row > cfg.max_tokens_per_micro_batch)
 
         def compute(lm):
             parts = model_parts(lm) if gathered else self.parts
             with weight_grad_sink(sink), \
-                    modeling.checkpointing(self.model, True) if long else contextlib.nullcontext():
+                    modeling.checkpointing(self.model, 1 - cfg.max_tokens_per_micro_batch / row) \
+                    if long else contextlib.nullcontext():
                 return micro_batch_loss(parts, mb, ref, self.head, cfg.loss_kwargs(),
                                         precision=cfg.precision,
                                         body=None if gathered else self.body)
