@@ -377,7 +377,8 @@ def worker_dpo_fast(args, model_dir: str) -> Dict[str, Any]:
                                   ref_cache_dir=args.ref_cache, device=args.device,
                                   precision=args.precision,
                                   adaptive_threads=getattr(args, "adaptive_threads", True),
-                                  attention=getattr(args, "attention", "auto"))
+                                  attention=getattr(args, "attention", "auto"),
+                                  share_prompt=not getattr(args, "no_share_prompt", False))
     if rec["ids"] != order.ids:
         raise RuntimeError("dpo_fast trained on other pairs than the planned visit order")
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
@@ -608,6 +609,8 @@ def main() -> None:
                    help="Rotten Tomatoes reviews end to end, this many tokens per sequence "
                         "(benchmarks/bench_long.py)")
     p.add_argument("--attention", default="auto", help="dpo_fast's TrainConfig.attention")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="dpo_fast with share_prompt=false")
     p.add_argument("--max-fit", type=int, nargs="*", default=None, metavar="T",
                    help="instead of the table: the longest of these sequence lengths (tokens "
                         "per sequence, 1 pair per step) one training step of TRL default and "

@@ -8,6 +8,9 @@
 #                                                   dist (torchrun x1: ddp / fsdp2 on nccl)
 #                                                   fsdp (torchrun x1, fsdp2 + bf16 mixed
 #                                                   precision, +- cpu offload, llama-1b)
+#                                                   long (bench_long.py: 2k / 8k / 32k-token
+#                                                   pairs, segments vs dense mask vs no
+#                                                   sharing vs TRL, bf16, llama-1b, MFU)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -49,6 +52,10 @@ for s in $stages; do
            --threads 8 --name "train_cuda_${ARCH:-llama-1b}_maxfit" --workdir /tmp/bench_train ;;
     dist) run dist "${T_DIST:-200}" python3 benchmarks/gpu_dist.py --device cuda --out /tmp/gpu_dist ;;
     fsdp) run fsdp "${T_FSDP:-420}" python3 benchmarks/gpu_fsdp.py --device cuda --arch "${ARCH:-llama-1b}" --seq "${SEQ:-1024}" --steps "${STEPS:-6}" --workdir /tmp/gpu_fsdp ;;
+    long) run long "${T_LONG:-540}" python3 benchmarks/bench_long.py --device cuda --precision bf16 \
+            --arch "${ARCH:-llama-1b}" --synthetic --lengths ${LONG_LENGTHS:-2048 8192 32768} \
+            --cases dpo_fast dpo_fast_mask dpo_fast_noshare trl_default --threads 8 \
+            --name "long_cuda_${ARCH:-llama-1b}" --workdir /tmp/bench_long ;;
     quick) run quick "${T_QUICK:-120}" python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py -k "${QUICK_K:-oracle and triton-bfloat16 or fused_loss_vs_unfused and triton-bfloat16 or many_chunks or deterministic}" ;;
     *) echo "unknown stage $s" ;;
   esac

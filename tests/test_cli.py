@@ -131,7 +131,8 @@ def test_info_names_backends_and_machine():
     r = dpo_fast("info")
     assert r.returncode == 0
     for text in ("dpo_fast", "torch", "C++ CPU kernel", "CUDA", "Triton", "flash-attn",
-                 "LoRA (peft)", "cores"):
+                 "LoRA (peft)", "cores", "packed attention segments on cpu: PyTorch's CPU "
+                 "flash kernel per segment (softcap / short windows: chunked)"):
         assert text in r.stdout
 
 

@@ -60,11 +60,20 @@ def info_lines() -> List[str]:
                                                   "TRITON_INTERPRET=1)" if triton_ok else
                                                   "triton is not installed")))
     fa = _version("flash-attn")
-    lines.append("  flash-attn       " + ("yes (packed sequences use varlen attention)"
-                                        if fa and torch.cuda.is_available() else
+    cuda = torch.cuda.is_available()
+    lines.append("  flash-attn       " + ("yes (packed rows' segments in one varlen call)"
+                                        if fa and cuda else
                                         "no: " + ("needs CUDA" if fa else
-                                                  "not installed (pip install flash-attn); "
-                                                  "packed rows use a block-diagonal sdpa mask")))
+                                                  "not installed (pip install flash-attn)")))
+    from ..ops.segment_attention import choose_impl
+
+    dev = torch.device("cuda" if cuda else "cpu")
+    impl = choose_impl(dev, None, None)
+    what = {"cpu-flash": "PyTorch's CPU flash kernel per segment",
+            "sdpa": "PyTorch SDPA per segment", "flash-varlen": "flash-attn varlen",
+            "chunked": "score tiles"}[impl]
+    lines.append(f"  packed attention segments on {dev.type}: {what} (softcap / short "
+                 f"windows: {choose_impl(dev, 1.0, None)}), no [L, L] mask")
     lines.append("  LoRA (peft)      " + ("yes" if _version("peft") else
                                         "no: pip install peft"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -118,21 +118,35 @@ def _flash_cpu_bwd(g, q, k, v, o, lse, causal, scale):
         g[None], q[None], k[None], v[None], o[None], lse[None], 0.0, causal, scale=scale)
 
 
+def _heads(t: Tensor, rep: int) -> Tensor:
+    """Key / value heads [Hkv, n, D] repeated to the query heads (GQA), for one kernel call."""
+    return t if rep == 1 else t.repeat_interleave(rep, dim=0)
+
+
+def _fold(g: Tensor, rep: int) -> Tensor:
+    """The gradient of :func:`_heads`: [H, n, D] summed back onto [Hkv, n, D]."""
+    return g if rep == 1 else g.unflatten(0, (-1, rep)).sum(1)
+
+
 class _CpuFlashSegments(torch.autograd.Function):
-    """q, k, v ``[H, L, D]`` (k, v already repeated to H heads) -> out ``[H, L, D]``."""
+    """q ``[H, L, D]``, k, v ``[Hkv, L, D]`` -> out ``[H, L, D]``. Key / value heads are
+    repeated per kernel call only, so the saved k, v keep their Hkv heads."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: SegmentLayout, scale: float):
         h, n, d = q.shape
+        rep = h // k.shape[0]
         out = q.new_empty(h, n, d)
         acc = _acc_dtype(q.dtype)
         lse = torch.empty(h, n, dtype=acc, device=q.device)
         for q0, q1, p0, p1 in layout.segments:
             qs = q[:, q0:q1]
-            o, l_ = _flash_cpu_fwd(qs, k[:, q0:q1], v[:, q0:q1], True, scale)
+            o, l_ = _flash_cpu_fwd(qs, _heads(k[:, q0:q1], rep), _heads(v[:, q0:q1], rep), True,
+                                   scale)
             o, l_ = o[0], l_[0].to(acc)
             if p1 > p0:
-                o2, l2 = _flash_cpu_fwd(qs, k[:, p0:p1], v[:, p0:p1], False, scale)
+                o2, l2 = _flash_cpu_fwd(qs, _heads(k[:, p0:p1], rep), _heads(v[:, p0:p1], rep),
+                                        False, scale)
                 l2 = l2[0].to(acc)
                 m = torch.logaddexp(l_, l2)
                 o = (o.to(acc) * torch.exp(l_ - m)[..., None]
@@ -152,17 +166,20 @@ class _CpuFlashSegments(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         grad = grad.to(q.dtype)
+        rep = q.shape[0] // k.shape[0]
         for q0, q1, p0, p1 in ctx.layout.segments:
             g, qs, o, l_ = grad[:, q0:q1], q[:, q0:q1], out[:, q0:q1], lse[:, q0:q1]
-            a = _flash_cpu_bwd(g, qs, k[:, q0:q1], v[:, q0:q1], o, l_, True, ctx.scale)
+            a = _flash_cpu_bwd(g, qs, _heads(k[:, q0:q1], rep), _heads(v[:, q0:q1], rep), o, l_,
+                               True, ctx.scale)
             dq[:, q0:q1] += a[0][0]
-            dk[:, q0:q1] += a[1][0]
-            dv[:, q0:q1] += a[2][0]
+            dk[:, q0:q1] += _fold(a[1][0], rep)
+            dv[:, q0:q1] += _fold(a[2][0], rep)
             if p1 > p0:
-                b = _flash_cpu_bwd(g, qs, k[:, p0:p1], v[:, p0:p1], o, l_, False, ctx.scale)
+                b = _flash_cpu_bwd(g, qs, _heads(k[:, p0:p1], rep), _heads(v[:, p0:p1], rep), o,
+                                   l_, False, ctx.scale)
                 dq[:, q0:q1] += b[0][0]
-                dk[:, p0:p1] += b[1][0]
-                dv[:, p0:p1] += b[2][0]
+                dk[:, p0:p1] += _fold(b[1][0], rep)
+                dv[:, p0:p1] += _fold(b[2][0], rep)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -187,8 +204,9 @@ def _tile(q, k, v, ranges, kpos, qpos, scale, softcap, window):
     """Scores of one query chunk: (keys [H, nk, D], values, raw scores / softcapped tanh,
     masked scores [H, c, nk]), all in the accumulation dtype (fp32 for half inputs)."""
     acc = _acc_dtype(k.dtype)
-    kk = torch.cat([k[:, a:b] for a, b in ranges], dim=1).to(acc)
-    vv = torch.cat([v[:, a:b] for a, b in ranges], dim=1).to(acc)
+    rep = q.shape[0] // k.shape[0]
+    kk = _heads(torch.cat([k[:, a:b] for a, b in ranges], dim=1), rep).to(acc)
+    vv = _heads(torch.cat([v[:, a:b] for a, b in ranges], dim=1), rep).to(acc)
     s = torch.matmul(q.to(acc), kk.transpose(1, 2)) * scale
     t = None
     if softcap is not None:
@@ -203,8 +221,8 @@ def _tile(q, k, v, ranges, kpos, qpos, scale, softcap, window):
 
 
 class _ChunkedSegments(torch.autograd.Function):
-    """q, k, v ``[H, L, D]`` -> out ``[H, L, D]``; scores per chunk of queries (fp32 for half
-    inputs)."""
+    """q ``[H, L, D]``, k, v ``[Hkv, L, D]`` -> out ``[H, L, D]``; scores per chunk of queries
+    (fp32 for half inputs)."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: SegmentLayout, scale: float, softcap: Optional[float],
@@ -251,7 +269,9 @@ class _ChunkedSegments(torch.autograd.Function):
                     ds = ds * (1 - t * t)
                 ds = ds * scale
                 dq[:, a:b] += torch.matmul(ds, kk)
-                dkk = torch.matmul(ds.transpose(1, 2), qc)
+                rep = q.shape[0] // k.shape[0]
+                dkk = _fold(torch.matmul(ds.transpose(1, 2), qc), rep)
+                dvv = _fold(dvv, rep)
                 o = 0
                 for r0, r1 in ranges:
                     dk[:, r0:r1] += dkk[:, o:o + r1 - r0]
@@ -318,9 +338,12 @@ def _flash_attn_available() -> bool:
     return True
 
 
-def choose_impl(device: torch.device, softcap: Optional[float], window: Optional[int]) -> str:
-    """The implementation ``segment_attention`` runs for these settings on ``device``."""
-    if device.type == "cuda" and _flash_attn_available():
+def choose_impl(device: torch.device, softcap: Optional[float], window: Optional[int],
+                dtype: torch.dtype = torch.bfloat16) -> str:
+    """The implementation ``segment_attention`` runs for these settings on ``device``
+    (flash-attn takes fp16 / bf16 only)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) \
+            and _flash_attn_available():
         return "flash-varlen"
     if softcap is not None or window is not None:
         return "chunked"
@@ -360,19 +383,19 @@ def segment_attention(query: Tensor, key: Tensor, value: Tensor, layout: Segment
     scale = float(d ** -0.5 if scale is None else scale)
     if window is not None and window >= layout.extent:
         window = None  # no query has a key that far back
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):  # as autocast treats sdpa: inputs in its dtype
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     if impl == "auto":
-        impl = choose_impl(query.device, softcap, window)
+        impl = choose_impl(query.device, softcap, window, dtype)
     if impl not in IMPLS:
         raise ValueError(f"segment_attention: impl must be 'auto' or one of {IMPLS}, got "
                          f"{impl!r}")
     if impl in ("cpu-flash", "sdpa") and (softcap is not None or window is not None):
         raise ValueError(f"segment_attention: impl {impl!r} has no softcap / window; use "
                          "'chunked' or 'auto'")
-    dev = query.device.type
-    if torch.is_autocast_enabled(dev):  # as autocast treats sdpa: inputs in its dtype
-        dtype = torch.get_autocast_dtype(dev)
-    else:
-        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     q, k, v = (t[0].to(dtype) for t in (query, key, value))
     with torch.autocast(dev, enabled=False):  # the kernels' own precision inside
         out = _run(impl, q, k, v, layout, scale, softcap, window, chunk)
@@ -383,18 +406,14 @@ def _run(impl, q, k, v, layout, scale, softcap, window, chunk) -> Tensor:
     h, hkv = q.shape[0], k.shape[0]
     if impl == "flash-varlen":
         out = _flash_varlen(q, k, v, layout, scale, softcap, window)
+    elif impl == "sdpa":
+        out = _sdpa_segments(q, _heads(k, h // hkv), _heads(v, h // hkv), layout, scale)
+    elif impl == "cpu-flash":
+        out = _CpuFlashSegments.apply(q, k, v, layout, scale)
     else:
-        if hkv != h:
-            k = k.repeat_interleave(h // hkv, dim=0)
-            v = v.repeat_interleave(h // hkv, dim=0)
-        if impl == "cpu-flash":
-            out = _CpuFlashSegments.apply(q, k, v, layout, scale)
-        elif impl == "sdpa":
-            out = _sdpa_segments(q, k, v, layout, scale)
-        else:
-            if chunk is None:
-                chunk = max(16, min(1024, (1 << 24) // max(1, h * layout.extent)))
-            out = _ChunkedSegments.apply(q, k, v, layout, scale, softcap, window, int(chunk))
+        if chunk is None:
+            chunk = max(16, min(1024, (1 << 24) // max(1, h * layout.extent)))
+        out = _ChunkedSegments.apply(q, k, v, layout, scale, softcap, window, int(chunk))
     return out
 
 
@@ -438,8 +457,13 @@ def transformers_attention(module, query, key, value, attention_mask, dropout: f
     if dropout:
         raise ValueError(f"{type(module).__name__}: attention dropout {dropout} is not "
                          "supported by segment attention (train with disable_dropout=True)")
-    return segment_attention(query, key, value, layout, scale=scaling, softcap=softcap,
-                             window=sliding_window), None
+    return _segment_attention_uncompiled(query, key, value, layout, scale=scaling,
+                                         softcap=softcap, window=sliding_window), None
+
+
+#: Under ``torch.compile`` the segment loop runs eagerly (a graph break per attention call), so
+#: compiled graphs do not specialize on each row's layout and recompile per micro-batch.
+_segment_attention_uncompiled = torch.compiler.disable(segment_attention)
 
 
 def _sdpa_mask(*args, **kwargs):
