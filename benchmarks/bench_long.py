@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 import harness
+import numpy as np
 
 BENCH_TRAIN = Path(__file__).with_name("bench_train.py")
 CASES = {  # name -> (bench_train worker case, TrainConfig.attention, share_prompt)
@@ -109,9 +108,8 @@ def run_case(args, name: str, t: int, steps: int, work: Path) -> Dict[str, Any]:
            "device_peak_mb": r.get("device_peak_mb"), "attention": r.get("attention"),
            "pair_tokens": r["tokens"][0], "times": r["times"], "losses": r["losses"]}
     if args.device == "cuda":  # the policy's training FLOPs (bench_train.model_flops)
-        import transformers
-
         import bench_train
+        import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(bench_train.prepared_model_dir(
             argparse.Namespace(arch=args.arch), work))

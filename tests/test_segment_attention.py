@@ -25,7 +25,6 @@ from dpo_fast.train.batching import (  # noqa: E402
     PACKED_EAGER,
     PACKED_SDPA,
     PACKED_SEGMENTS,
-    PADDED,
     attention_path,
     make_micro_batch,
     mask_plan,

@@ -31,7 +31,7 @@ Shapes follow transformers' attention functions: ``query [1, H, L, D]``, ``key``
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -330,7 +330,9 @@ def _flash_varlen(q, k, v, layout, scale, softcap, window):
     return out.transpose(0, 1)
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_attn_available() -> bool:
+    """Whether flash-attn imports (asked once: choose_impl runs at every attention call)."""
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -466,20 +468,14 @@ def transformers_attention(module, query, key, value, attention_mask, dropout: f
 _segment_attention_uncompiled = torch.compiler.disable(segment_attention)
 
 
-def _sdpa_mask(*args, **kwargs):
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, **kwargs)
-
-
 def register() -> str:
     """Registers :data:`ATTN_NAME` with transformers' attention and mask registries (masks as
     sdpa builds them, for calls without a layout); idempotent. Returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, transformers_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     return ATTN_NAME
 
 
