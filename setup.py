@@ -121,6 +121,8 @@ setup(
         "test": ["pytest", "peft", "trl==1.16.0"] + DEMO,
         "flash": ["flash-attn"],
         "lora": ["peft"],
+        # dpo_fast.trl: the drop-in DPOTrainer for TRL scripts (subclasses TRL 1.16's).
+        "trl": ["trl==1.16.0"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
     },
     entry_points={"console_scripts": ["dpo-fast=dpo_fast.cli:main"]},

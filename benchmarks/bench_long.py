@@ -13,8 +13,9 @@ pairs in the same order, AdamW, sigmoid DPO); dpo_fast's reference cache is fill
 (``dpo_fast_precompute``, not timed in the steps).
 
 Measured per case: the median step time after the first step, tokens/s over those steps (both
-sequences' tokens, a shared prompt counted twice), the training loop's peak RSS (VmHWM reset
-when the loop starts) and the whole process's. A case whose peak, extrapolated from the
+sequences' tokens, a shared prompt counted twice), the training loop's peak RSS (reset
+when the loop starts; sampled every millisecond, as VmHWM lags: ``harness.RssSampler``) and
+the whole process's. A case whose peak, extrapolated from the
 shorter lengths, would pass ``--skip-above`` GiB is skipped (the machine has 24 GiB). "Fits in
 16 GiB": the longest length whose process peak stays under 16 GiB, measured if a measured
 peak passes 16 GiB, else on the line through the two longest lengths (said so in the table).
@@ -169,7 +170,9 @@ def report(res: Dict[int, Dict[str, Any]], fits: Dict[str, Any], args, info) -> 
             f"torch {info['torch']}, transformers {info['transformers']}; one pair per step, "
             f"the prompt {args.prompt_share:.0%} of each sequence ({data}), AdamW lr "
             f"{args.lr}, sigmoid DPO beta 0.1; the same pairs in the same order for every "
-            "case; step time = median after the first step; memory = RSS high-water mark "
+            "case; step time = median after the first step; memory = peak RSS (the "
+            "kernel's VmHWM or the RSS sampled every millisecond in the worker, whichever is "
+            "higher: VmHWM alone lags here) "
             + ("with glibc's mmap threshold fixed at 128 KiB (RSS follows live memory)"
                if getattr(args, "live_rss", False) else
                "under glibc's default allocator (what a user's process gets; it also counts "

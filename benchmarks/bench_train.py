@@ -34,8 +34,9 @@ Measured per case: median step time over steps ``--warmup``+1..S; tokens/s over 
 (prompt + response tokens, EOS included, of chosen and rejected; padding not counted; a shared
 prompt still counts twice); model FLOP/s (the training FLOPs of the policy on those tokens,
 :func:`model_flops`) against the fp32 matmul rate measured in the same run; peak RSS of the
-training loop (VmHWM reset when the loop starts: resident models, optimizer state,
-activations) and of the whole process (``ru_maxrss``: loading and precompute included).
+training loop (reset when the loop starts: resident models, optimizer state, activations)
+and of the whole process (loading and precompute included); both the higher of VmHWM and the
+RSS sampled every millisecond (``harness.RssSampler``: VmHWM lags on these machines).
 
 Variants (``--variant``; the default runs ``short`` then ``long``):
 
@@ -626,6 +627,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         harness.disable_thp()
+        harness.start_rss_sampler()
         _track_hwm_resets()
         args.variant = args.variant[0]  # a worker runs one variant
         model_dir = prepared_model_dir(args, Path(args.workdir))

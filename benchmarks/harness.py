@@ -42,15 +42,65 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+class RssSampler:
+    """A daemon thread reading this process's RSS (``/proc/self/statm``) every ``period_s``
+    and keeping the largest value since :meth:`reset`.
+
+    Why: the kernel's own high-water mark (VmHWM) is updated lazily and can read far below
+    the RSS the process actually reached. On this project's CI machines (Linux 6.18 VMs) one
+    1k-token dpo_fast step read VmHWM 2,433 MiB while RSS sampled every millisecond in the
+    same process peaked at 4,304 MiB (glibc's mmap threshold fixed at 128 KiB), and 4,507
+    against 4,788 MiB with the default allocator. A sample misses a peak shorter than the
+    period; buffers that large take longer than that to fill, so the miss is a few MiB."""
+
+    def __init__(self, period_s: float = 0.001):
+        import threading
+
+        self.period_s = period_s
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._page = resource.getpagesize()
+        self.peak = self.read()
+        threading.Thread(target=self._run, name="rss-sampler", daemon=True).start()
+
+    def read(self) -> int:
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+
+    def _run(self) -> None:
+        while True:
+            r = self.read()
+            if r > self.peak:
+                self.peak = r
+            time.sleep(self.period_s)
+
+    def reset(self) -> None:
+        self.peak = self.read()
+
+
+_SAMPLER: Optional[RssSampler] = None
+
+
+def start_rss_sampler(period_s: float = 0.001) -> RssSampler:
+    """Starts (once per process) the :class:`RssSampler` that :func:`hwm_bytes` also reads."""
+    global _SAMPLER
+    if _SAMPLER is None:
+        _SAMPLER = RssSampler(period_s)
+    return _SAMPLER
+
+
 def hwm_bytes() -> int:
-    """Peak resident set size since the last :func:`reset_hwm` (Linux VmHWM)."""
+    """Peak resident set size since the last :func:`reset_hwm`: Linux VmHWM, or the sampled
+    RSS peak when :func:`start_rss_sampler` runs and saw more (VmHWM can lag: see
+    :class:`RssSampler`)."""
     with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+        hwm = int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+    return max(hwm, _SAMPLER.peak) if _SAMPLER is not None else hwm
 
 
 def reset_hwm() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    if _SAMPLER is not None:
+        _SAMPLER.reset()
 
 
 # ----------------------------------------------------------------------------- time

@@ -19,6 +19,8 @@ from .ops.dpo_loss import (
     FusedPreferenceOutput,
     fused_preference_loss,
     fused_preference_loss_padded,
+    SequenceLogprobs,
+    sequence_logprobs,
 )
 from .ops.logprobs import LinearLogprobs, linear_logprobs
 from .refcache import (
@@ -38,6 +40,8 @@ __all__ = [
     "fused_preference_loss",
     "fused_preference_loss_padded",
     "FusedPreferenceOutput",
+    "sequence_logprobs",
+    "SequenceLogprobs",
     "PreferenceLossOutput",
     "dpo_sigmoid_coefficients",
     "LOSS_TYPES",

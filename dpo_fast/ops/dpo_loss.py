@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -518,6 +518,81 @@ def fused_preference_loss(
     )
 
 
+class SequenceLogprobs(NamedTuple):
+    """Output of :func:`sequence_logprobs`. ``S`` = number of sequences, ``N`` = positions.
+
+    Attributes:
+        logps: [S] float32 sum of each sequence's token log-probs; differentiable w.r.t.
+            hidden, weight and bias (0.0 for a sequence with no scored token).
+        token_logps: [N] float32 per-position log-probs (0.0 at ignored positions), detached.
+        entropy: [N] float32 softmax entropy per position (0.0 at ignored ones), detached.
+        is_top1: [N] bool, the target is the argmax of the logits (False where ignored).
+        lengths: [S] int64 scored positions per sequence.
+    """
+
+    logps: Tensor
+    token_logps: Tensor
+    entropy: Tensor
+    is_top1: Tensor
+    lengths: Tensor
+
+
+def sequence_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    seq_index: Tensor,
+    num_seqs: int,
+    *,
+    bias: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> SequenceLogprobs:
+    """Per-sequence log-probs straight from hidden states (no ``[N, V]`` logits), for any
+    loss the caller builds on them: the sequence-level op under
+    :func:`fused_preference_loss`'s memory-flat path, without the preference loss.
+
+    Args:
+        hidden: [N, D] hidden states (or [..., D], flattened).
+        weight: [V, D] LM-head weight (same dtype as hidden).
+        targets: [N] next-token ids, ``ignore_index`` where nothing is scored.
+        seq_index: [N] int in [0, num_seqs), the sequence of each scored position (any value
+            where ignored).
+        num_seqs: S.
+        bias, softcap, temperature, ignore_index, impl: as in :func:`dpo_fast.linear_logprobs`.
+
+    Returns:
+        :class:`SequenceLogprobs`. The backward recomputes the logits tile by tile.
+    """
+    if not isinstance(targets, Tensor) or not isinstance(seq_index, Tensor):
+        raise ValueError("targets and seq_index must be tensors")
+    if not isinstance(num_seqs, int) or num_seqs < 1:
+        raise ValueError(f"num_seqs must be an int >= 1, got {num_seqs!r}")
+    h2, w, t1, head = prepare_inputs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias, ignore_index=ignore_index,
+        softcap=softcap, temperature=temperature, impl=impl)
+    seq_index = seq_index.reshape(-1)
+    if seq_index.shape != t1.shape:
+        raise ValueError(f"seq_index has {seq_index.numel()} positions, targets {t1.numel()}")
+    valid = t1 != ignore_index
+    seq = torch.where(valid, seq_index.to(device=t1.device, dtype=torch.int64),
+                      torch.zeros_like(t1))
+    if not torch.compiler.is_compiling() and bool(valid.any()):
+        lo, hi = int(seq[valid].min()), int(seq[valid].max())
+        if lo < 0 or hi >= num_seqs:
+            raise ValueError(f"seq_index must lie in [0, {num_seqs}) at scored positions, "
+                             f"got values in [{lo}, {hi}]")
+    logps, logp, ent, _row_max, log_sum = _seq_fwd(h2, w, bias, t1, seq, num_seqs=num_seqs,
+                                                   **head.op_kwargs())
+    lengths = torch.zeros(num_seqs, dtype=torch.int64, device=t1.device).index_add(
+        0, seq, valid.to(torch.int64))
+    # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
+    return SequenceLogprobs(logps, logp.detach(), ent.detach(),
+                            ((logp == -log_sum) & valid).detach(), lengths)
+
+
 def fused_preference_loss_padded(
     hidden: Tensor,
     weight: Tensor,
@@ -546,4 +621,5 @@ def fused_preference_loss_padded(
                                  seq_index, ref_logps, **kwargs)
 
 
-__all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput"]
+__all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput",
+           "sequence_logprobs", "SequenceLogprobs"]

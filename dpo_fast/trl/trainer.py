@@ -1,0 +1,258 @@
+"""TRL 1.16's ``DPOTrainer`` with dpo_fast's LM head: the drop-in for existing TRL scripts.
+
+What changes against ``trl.DPOTrainer``: the policy's per-sequence log-probs come from
+:func:`dpo_fast.sequence_logprobs` on the body's last hidden states and the head weight (no
+``[tokens, vocab]`` logits, the backward recomputes them tile by tile, with dpo_fast's C++ /
+Triton kernels), and the loss is dpo_fast's :func:`dpo_fast.preference_loss` on them, with
+TRL 1.16's conventions where the two differ (``sigmoid`` ignores ``label_smoothing``, ``sft``
+is the token-weighted mean over the batch, ``ipo`` / ``sigmoid_norm`` clamp the completion
+length to >= 1). Everything else is TRL's: the data preparation and collator, the reference
+log-probs (live, or ``precompute_ref_log_probs``), PEFT, gradient checkpointing, logging and
+checkpoints. The metrics have TRL's names and values (``rewards/*``, ``logps/*``,
+``logits/*``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``).
+
+The model is called through whatever wraps it (DDP / FSDP / accelerate, under the trainer's
+autocast): the head runs inside the wrapped model's forward, so gradient synchronisation
+sees every parameter it uses.
+
+Settings the fast path does not cover run TRL's own loss unchanged (same results at TRL's
+speed), named in one warning at start: ``f_divergence_type`` other than ``reverse_kl``,
+``ld_alpha``, ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
+logits TRL scales or soft-caps (``final_logit_softcapping``, ``logit_scale`` and kin: TRL's
+``logits/*`` metrics average every logit). ``padding_free`` stays as TRL 1.16 has it (off,
+with TRL's warning).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import trl
+    from trl.trainer.dpo_config import DPOConfig as _TRLDPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer as _TRLDPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without trl installed
+    raise ImportError("dpo_fast.trl subclasses TRL 1.16's DPOTrainer: "
+                      "pip install -e '.[trl]' from a clone (trl==1.16.0)") from e
+
+from ..losses import preference_loss
+from ..ops.dpo_loss import SequenceLogprobs, sequence_logprobs
+
+logger = logging.getLogger(__name__)
+
+#: The TRL release whose DPOTrainer this module subclasses and is tested against.
+TRL_VERSION = "1.16.0"
+#: ``DPOConfig.loss_type`` values of TRL 1.16 (dpo_fast's own trainer has more).
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                  "sigmoid_norm")
+# The TRL 1.16 loss types that read label_smoothing (its sigmoid does not).
+_SMOOTHED = frozenset(("robust", "exo_pair", "aot", "aot_unpaired"))
+# Config fields by which TRL's fused head scales the logits (trl.trainer.utils.add_fused_lm_head).
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_NON_MODEL_KEYS = frozenset(("completion_mask", "ref_chosen_logps", "ref_rejected_logps"))
+
+if trl.__version__ != TRL_VERSION:
+    logger.warning("dpo_fast.trl is built and tested against trl==%s; trl %s is installed",
+                   TRL_VERSION, trl.__version__)
+
+
+@dataclass
+class DPOConfig(_TRLDPOConfig):
+    """TRL 1.16's ``DPOConfig``, field for field (``dpo_fast.trl.DPOTrainer`` reads the same
+    arguments)."""
+
+
+@dataclass
+class _HeadResult:
+    """What the patched forward returns on the fast path. ``S`` = 2B sequences (chosen rows
+    first, as TRL's collator stacks them), ``N`` = scored positions."""
+
+    seq: SequenceLogprobs   # logps [S] differentiable, per-position extras [N]
+    seq_index: Tensor       # [N] int64, the row of each scored position
+    mean_logits: Tensor     # [N] fp32 mean over the vocabulary of the logits (detached)
+
+
+def _slow_path_reason(trainer: "DPOTrainer") -> Optional[str]:
+    """Why the fast path cannot give TRL's results for this trainer's settings, or None."""
+    if trainer.f_divergence_type != "reverse_kl":
+        return f"f_divergence_type={trainer.f_divergence_type!r}"
+    if trainer.ld_alpha is not None:
+        return "ld_alpha (LD-DPO)"
+    if trainer.use_weighting:
+        return "use_weighting (WPO)"
+    if trainer.aux_loss_enabled:
+        return "a MoE router auxiliary loss"
+    if getattr(trainer, "_is_vlm", False) or getattr(trainer, "_is_vision_dataset", False):
+        return "a vision-language model or dataset"
+    cfg = trainer.model.config.get_text_config()
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        return "final_logit_softcapping (TRL's logits/* metrics average the capped logits)"
+    for name in _LOGIT_SCALES:
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            return f"config.{name}={getattr(cfg, name)!r} (scaled logits)"
+    return None
+
+
+def _install_head(model: torch.nn.Module) -> None:
+    """Adds the ``dpo_fast_head=`` keyword to ``model``'s forward (TRL has already added
+    ``fused_lm_head=``): given it, the forward runs the body and hands its last hidden states
+    and output embedding to that callable, inside the forward (so DDP / FSDP hooks see the head
+    weight used); without it, the previous forward runs unchanged (generation, TRL's paths)."""
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, dpo_fast_head=None, **kwargs):
+        if dpo_fast_head is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        body = self.base_model(*args, **kwargs)
+        return dpo_fast_head(body.last_hidden_state, self.get_output_embeddings())
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _head_fn(targets: Tensor):
+    """The callable the patched forward runs: ``targets`` [S, T-1] next-token ids (-100 off
+    the completions), for hidden states [S, T', D] (T' >= T: prompt-learning PEFT prepends
+    virtual tokens, dropped here as TRL does)."""
+
+    def head(hidden: Tensor, lm_head: torch.nn.Module) -> _HeadResult:
+        h = hidden[:, :-1][:, -targets.shape[1]:]
+        scored = targets != -100
+        rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+        hs = h[scored.to(h.device)]
+        weight, bias = lm_head.weight, lm_head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as DTensors
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        dev = hs.device.type
+        if torch.is_autocast_enabled(dev):  # the head's matmuls in the autocast dtype, as TRL's
+            hs = hs.to(torch.get_autocast_dtype(dev))
+        if weight.dtype != hs.dtype:
+            weight = weight.to(hs.dtype)
+            bias = bias.to(hs.dtype) if bias is not None else None
+        t = targets[scored].to(hs.device)
+        seq_index = rows[scored].to(hs.device)
+        out = sequence_logprobs(hs, weight, t, seq_index, targets.shape[0], bias=bias)
+        with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b)
+            mean_logits = hs.float() @ weight.float().mean(0)
+            if bias is not None:
+                mean_logits = mean_logits + bias.float().mean()
+        return _HeadResult(out, seq_index, mean_logits)
+
+    return head
+
+
+class DPOTrainer(_TRLDPOTrainer):
+    """``trl.DPOTrainer`` (1.16) with dpo_fast's LM head; same arguments, same results.
+
+    ``from dpo_fast.trl import DPOConfig, DPOTrainer`` in place of ``from trl import ...``, or
+    ``python -m dpo_fast.trl script.py [args]`` for a script left as it is. See the module
+    docstring for what runs where.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unknown = [t for t in self.loss_types if t not in TRL_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is not one of TRL 1.16's DPO loss types "
+                             f"{list(TRL_LOSS_TYPES)} (dpo-fast train has simpo, orpo, cpo "
+                             "and unlikelihood)")
+        self.dpo_fast_slow_reason = _slow_path_reason(self)
+        if self.dpo_fast_slow_reason is not None:
+            logger.warning("dpo_fast.trl: %s is outside the fused path; TRL's own loss runs "
+                           "(TRL's results and speed)", self.dpo_fast_slow_reason)
+        else:
+            peft = hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
+            _install_head(self.model.get_base_model() if peft else self.model)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.dpo_fast_slow_reason is not None or return_outputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        return self._fused_loss(model, inputs)
+
+    # ------------------------------------------------------------------ fast path
+
+    def _reference_logps(self, inputs: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        # TRL's own reference pass: the reference model, or the policy with its adapter off.
+        return self.compute_ref_log_probs(
+            self.ref_model if self.ref_model is not None else self.model, inputs)
+
+    def _pair_loss(self, loss_type: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor,
+                   seq: SequenceLogprobs, completion_mask: Tensor) -> Tensor:
+        b = pc.shape[0]
+        if loss_type == "sft":  # TRL: mean log-prob over every chosen token of the batch
+            return -(seq.logps[:b].sum() / seq.lengths[:b].sum())
+        lengths = completion_mask.sum(1).clamp(min=1).to(pc.dtype)
+        out = preference_loss(
+            pc, pr, rc, rr, loss_type=loss_type, beta=self.beta,
+            label_smoothing=self.label_smoothing if loss_type in _SMOOTHED else 0.0,
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+            discopop_tau=self.args.discopop_tau)
+        return out.loss
+
+    def _fused_loss(self, model, inputs: Dict[str, Any]) -> Tensor:
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        input_ids = inputs["input_ids"]
+        b = input_ids.shape[0] // 2
+        targets = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        res: _HeadResult = model(**model_kwargs, dpo_fast_head=_head_fn(targets))
+        seq = res.seq
+        pc, pr = seq.logps[:b], seq.logps[b:]
+        rc, rr = self._reference_logps(inputs)
+        rc, rr = rc.to(pc.device, pc.dtype), rr.to(pc.device, pc.dtype)
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            loss = loss + self._pair_loss(loss_type, pc, pr, rc, rr, seq,
+                                          completion_mask.to(pc.device)) * weight
+        self._log_fused_metrics(mode, inputs, res, pc.detach(), pr.detach(), rc, rr, b)
+        return loss
+
+    def _log_fused_metrics(self, mode, inputs, res: _HeadResult, pc, pr, rc, rr, b) -> None:
+        """TRL 1.16's metrics, by name and definition, from the fused outputs."""
+        acc = self.accelerator
+        metrics = self._metrics[mode]
+        seq = res.seq
+        chosen = res.seq_index < b
+
+        def token_mean(total: Tensor, count: Tensor) -> float:
+            total, count = acc.gather_for_metrics(total).sum(), acc.gather_for_metrics(count).sum()
+            return (total / count).item() if count > 0 else 0.0
+
+        n = torch.tensor(seq.entropy.numel(), device=seq.entropy.device)
+        metrics["entropy"].append(token_mean(seq.entropy.sum(), n))
+        if mode == "train":
+            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        n_chosen, n_rejected = chosen.sum(), (~chosen).sum()
+        metrics["logits/chosen"].append(token_mean(res.mean_logits[chosen].sum(), n_chosen))
+        metrics["logits/rejected"].append(token_mean(res.mean_logits[~chosen].sum(), n_rejected))
+        metrics["mean_token_accuracy"].append(
+            token_mean(seq.is_top1[chosen].sum(), n_chosen))
+        chosen_rewards = self.beta * (pc - rc)
+        rejected_rewards = self.beta * (pr - rr)
+        metrics["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(
+            acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(
+            acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(acc.gather(pc).mean().item())
+        metrics["logps/rejected"].append(acc.gather(pr).mean().item())
+
+
+__all__ = ["DPOConfig", "DPOTrainer", "TRL_VERSION", "TRL_LOSS_TYPES"]

@@ -1,0 +1,196 @@
+"""``dpo_fast.trl.DPOTrainer`` against TRL 1.16's ``DPOTrainer``: the same script, data, seed and
+settings, step by step (tiny random Llama, word-level tokenizer, 3 steps x 4 pairs).
+
+Per step: the training loss and every metric TRL logs (rewards/*, logps/*, logits/*,
+entropy, mean_token_accuracy, num_tokens) within 1e-4 (logps/* sum ~10 tokens of |log p| ~ 5;
+within max(1e-4, 1e-5 relative)), for loss types with and without a reference, a weighted
+``loss_type`` list, label smoothing, TRL's precompute and LoRA; the fused head ran (counted);
+a setting outside the fused path runs TRL's own loss (named in a warning); and an unedited
+TRL script runs through ``python -m dpo_fast.trl``. Under CI a missing trl fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import tiny_model, tiny_tokenizer, word_rows
+
+STEPS = 3
+# fp32 throughout (bf16=False: TRL's DPOConfig defaults to bf16 autocast, where the two heads'
+# roundings differ by ~1e-2 per sequence); the heads then agree to ~1e-6.
+DTYPE = torch.float32
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
+           "mean_token_accuracy", "num_tokens")
+
+
+def _need_trl():
+    try:
+        import trl
+    except ImportError as e:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"trl unavailable under CI: {e}") from e
+        pytest.skip(f"trl unavailable: {e}")
+    if trl.__version__ != "1.16.0":
+        msg = f"trl {trl.__version__} is installed, the drop-in subclasses 1.16.0"
+        if os.environ.get("CI"):
+            raise RuntimeError(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    _need_trl()
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model(seed=3).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _train(cls_name: str, model_dir: Path, out: Path, peft: bool = False, **config):
+    """Trains STEPS steps with trl's or dpo_fast.trl's classes; returns (per-step logs,
+    trainer)."""
+    import datasets
+    import transformers
+
+    if cls_name == "trl":
+        from trl import DPOConfig, DPOTrainer
+    else:
+        from dpo_fast.trl import DPOConfig, DPOTrainer
+
+    logs = []
+
+    class Keep(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                kept.append(dict(logs, step=state.global_step))
+
+    kept = logs
+    settings = dict(learning_rate=5e-3, logging_steps=1, report_to="none", save_strategy="no",
+                    seed=0, use_cpu=True, bf16=False, dataloader_num_workers=0)
+    settings.update(config)
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS,
+                     **settings)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    peft_config = None
+    if peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                 lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok,
+                         train_dataset=datasets.Dataset.from_list(word_rows(16, seed=5)),
+                         peft_config=peft_config, callbacks=[Keep()])
+    trainer.train()
+    assert [x["step"] for x in logs] == list(range(1, STEPS + 1))
+    return logs, trainer
+
+
+CASES = {
+    "sigmoid": dict(),
+    "ipo": dict(loss_type="ipo"),
+    "hinge": dict(loss_type="hinge"),
+    "list_weighted": dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[1.0, 0.5, 0.3]),
+    "robust_smoothed": dict(loss_type="robust", label_smoothing=0.1),
+    "sigmoid_smoothing_ignored": dict(label_smoothing=0.2),
+    "aot": dict(loss_type="aot"),
+    "apo_zero": dict(loss_type="apo_zero"),
+    "sigmoid_norm": dict(loss_type="sigmoid_norm"),
+    "precompute": dict(precompute_ref_log_probs=True),
+    "lora": dict(_peft=True, learning_rate=5e-2),  # LoRA's B starts at 0: a larger step
+    "no_grad_ckpt": dict(gradient_checkpointing=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_steps_as_trl(model_dir, tmp_path, case, monkeypatch):
+    import dpo_fast.trl.trainer as dropin
+
+    calls = []
+    real = dropin.sequence_logprobs
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dropin, "sequence_logprobs", counted)
+    config = dict(CASES[case])
+    peft = config.pop("_peft", False)
+    ref, _ = _train("trl", model_dir, tmp_path / "trl", peft=peft, **config)
+    got, trainer = _train("dpo_fast", model_dir, tmp_path / "dpo_fast", peft=peft, **config)
+    assert trainer.dpo_fast_slow_reason is None
+    assert len(calls) == STEPS  # the fused head ran for every step's policy pass
+    for r, g in zip(ref, got):
+        assert abs(r["loss"] - g["loss"]) <= 1e-4, (r["step"], r["loss"], g["loss"])
+        for k in METRICS:
+            tol = max(1e-4, 1e-5 * abs(r[k])) if k.startswith("logps/") else 1e-4
+            assert abs(r[k] - g[k]) <= tol, (r["step"], k, r[k], g[k])
+    # The policy trained: a later step's loss differs from step 1's.
+    assert abs(got[-1]["loss"] - got[0]["loss"]) > 1e-3
+
+
+def test_outside_fused_path_runs_trls_loss(model_dir, tmp_path, caplog):
+    config = dict(f_divergence_type="js_divergence")
+    ref, _ = _train("trl", model_dir, tmp_path / "trl", **config)
+    with caplog.at_level(logging.WARNING, logger="dpo_fast.trl.trainer"):
+        got, trainer = _train("dpo_fast", model_dir, tmp_path / "dpo_fast", **config)
+    assert trainer.dpo_fast_slow_reason == "f_divergence_type='js_divergence'"
+    assert "js_divergence" in caplog.text and "TRL's own loss" in caplog.text
+    for r, g in zip(ref, got):
+        assert abs(r["loss"] - g["loss"]) <= 1e-6
+
+
+def test_refuses_loss_types_trl_lacks(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="simpo"):
+        _train("dpo_fast", model_dir, tmp_path, loss_type="simpo")
+
+
+SCRIPT = textwrap.dedent("""
+    # A TRL 1.16 DPO script as users write it: nothing of dpo_fast in it.
+    import sys
+    import datasets, transformers
+    from trl import DPOConfig, DPOTrainer
+    sys.path.insert(0, {tests!r})
+    from tiny import word_rows
+
+    model_dir, out = sys.argv[1], sys.argv[2]
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=2,
+                     logging_steps=1, report_to="none", save_strategy="no", use_cpu=True)
+    trainer = DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                         args=args,
+                         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
+                         train_dataset=datasets.Dataset.from_list(word_rows(8)))
+    trainer.train()
+    print("TRAINER", type(trainer).__module__, trainer.state.global_step)
+""")
+
+
+def test_unedited_script_through_python_m(model_dir, tmp_path):
+    script = tmp_path / "train_dpo.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "dpo_fast.trl", str(script), str(model_dir),
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRAINER dpo_fast.trl.trainer 2" in proc.stdout
+    # The same script without the runner gets TRL's own class.
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(tmp_path / "o2")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRAINER trl.trainer.dpo_trainer 2" in proc.stdout
+
+
+def test_python_m_without_script():
+    proc = subprocess.run([sys.executable, "-m", "dpo_fast.trl", "no_such_script.py"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no_such_script.py" in proc.stderr
