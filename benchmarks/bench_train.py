@@ -68,17 +68,25 @@ from typing import Any, Dict, List, Optional, Sequence
 import harness
 import trl_parity
 
-CASES = ("trl_default", "trl_precompute", "trl_no_ckpt", "plain", "dpo_fast", "dpo_fast_ckpt")
+CASES = ("trl_default", "trl_precompute", "trl_no_ckpt", "plain", "dpo_fast", "dpo_fast_ckpt",
+         "dropin", "dropin_packed")
 ONE_OFF = ("dpo_fast_precompute", "forward")
 TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkpointing=True),
              "trl_precompute": dict(precompute_ref_log_probs=True, gradient_checkpointing=True),
-             "trl_no_ckpt": dict(precompute_ref_log_probs=False, gradient_checkpointing=False)}
+             "trl_no_ckpt": dict(precompute_ref_log_probs=False, gradient_checkpointing=False),
+             # the same TRL run through dpo_fast.trl (one changed import), TRL's defaults
+             "dropin": dict(precompute_ref_log_probs=False, gradient_checkpointing=True,
+                            dropin=True),
+             "dropin_packed": dict(precompute_ref_log_probs=False, gradient_checkpointing=True,
+                                   dropin=True, padding_free=True)}
 LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
           "trl_precompute": "TRL precompute_ref_log_probs",
           "trl_no_ckpt": "TRL live ref, no grad ckpt",
           "plain": "plain PyTorch loop (full logits)",
           "dpo_fast": "dpo_fast",
-          "dpo_fast_ckpt": "dpo_fast + grad ckpt"}
+          "dpo_fast_ckpt": "dpo_fast + grad ckpt",
+          "dropin": "dpo_fast.trl drop-in (TRL defaults)",
+          "dropin_packed": "dpo_fast.trl drop-in + padding_free"}
 VARIANTS = {"short": dict(max_length=128), "long": dict(max_length=512)}
 #: Architectures for the GPU mode (random weights; shapes of the named public models).
 ARCHS = {
@@ -444,7 +452,8 @@ def worker_forward(args, model_dir: str) -> Dict[str, Any]:
 
 WORKERS = {"trl_default": worker_trl, "trl_precompute": worker_trl, "trl_no_ckpt": worker_trl,
            "plain": worker_plain, "dpo_fast": worker_dpo_fast, "dpo_fast_ckpt": worker_dpo_fast,
-           "dpo_fast_precompute": worker_dpo_fast_precompute, "forward": worker_forward}
+           "dpo_fast_precompute": worker_dpo_fast_precompute, "forward": worker_forward,
+           "dropin": worker_trl, "dropin_packed": worker_trl}
 
 
 # ---------------------------------------------------------------------------- report
@@ -543,6 +552,16 @@ def _targets(res: Dict[str, Any], args) -> List[str]:
             r = s[c][mem] / s["trl_default"][mem]
             out.append(f"{LABELS[c]} peak memory vs TRL default: {r:.2f}x (target <= 0.6x: "
                        f"{'met' if r <= 0.6 else 'NOT met'})")
+    d, t = s.get("dropin_packed"), s.get("trl_default")
+    if d and t:  # the drop-in's targets (its padded form is reported beside it)
+        r, m = d["tokens_per_s"] / t["tokens_per_s"], d[mem] / t[mem]
+        out.append(f"{LABELS['dropin_packed']} vs TRL default: {r:.2f}x tokens/s (target >= 2x: "
+                   f"{'met' if r >= 2 else 'NOT met'}), {m:.2f}x peak memory (target <= 0.85x: "
+                   f"{'met' if m <= 0.85 else 'NOT met'})")
+    if d and f:
+        r = d["tokens_per_s"] / f["tokens_per_s"]
+        out.append(f"{LABELS['dropin_packed']} vs dpo-fast train: {r:.2f}x tokens/s (target >= "
+                   f"0.8x: {'met' if r >= 0.8 else 'NOT met'})")
     pr, fw = res.get("dpo_fast_precompute"), res.get("forward")
     if pr and fw:
         r = fw["seconds"] / pr["precompute_s"]
@@ -563,7 +582,7 @@ def plot(path: Path, results: Dict[str, Dict[str, Any]], args) -> None:
     for row, v in zip(axes, variants):
         s = results[v]["_summary"]
         cases = [c for c in CASES if c in s]
-        colors = ["#4c72b0" if c.startswith("dpo_fast") else "#999999" for c in cases]
+        colors = ["#4c72b0" if c.startswith(("dpo_fast", "dropin")) else "#999999" for c in cases]
         labels = [LABELS[c] for c in cases]
         for ax, key, title in ((row[0], "tokens_per_s", "tokens/s (higher is better)"),
                                (row[1], mem, "peak memory MiB (lower is better)")):

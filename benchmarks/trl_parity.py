@@ -210,8 +210,13 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             gradient_checkpointing: bool = False, callbacks: Optional[list] = None,
             token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
             output_dir: Optional[str] = None, device: str = "cpu",
-            precision: str = "fp32") -> Dict[str, Any]:
+            precision: str = "fp32", dropin: bool = False,
+            padding_free: bool = False) -> Dict[str, Any]:
     """Runs TRL's ``DPOTrainer`` for ``steps`` steps over ``rows_in_order`` without shuffling.
+
+    ``dropin``: the same run through ``dpo_fast.trl``'s ``DPOTrainer`` / ``DPOConfig`` (the
+    one-line change of a TRL script); ``padding_free``: TRL's ``padding_free`` argument (TRL
+    1.16 switches it off, the drop-in packs).
 
     ``device`` "cpu" (``use_cpu=True``) or "cuda"; ``precision`` "fp32" (``bf16=False``) or
     "bf16" (TRL's ``bf16=True``: autocast over fp32 weights, its default on a GPU). On CUDA the
@@ -239,7 +244,11 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
     import transformers
     import trl.trainer.dpo_trainer as dpo_mod
     from torch.utils.data import SequentialSampler
-    from trl import DPOConfig, DPOTrainer
+
+    if dropin:
+        from dpo_fast.trl import DPOConfig, DPOTrainer
+    else:
+        from trl import DPOConfig, DPOTrainer
 
     n = steps * batch_size
     if len(rows_in_order) < n:
@@ -278,10 +287,14 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             if self.model.training:
                 loss = out[0] if return_outputs else out
                 rec["losses"].append(float(loss.detach()))
-                mask = inputs["attention_mask"].bool()
-                rec["tokens"].append(int(mask.sum()))
-                rec["batches"].append([row[m].tolist() for row, m in
-                                       zip(inputs["input_ids"], mask)])
+                if "num_real_tokens" in inputs:  # the drop-in's packed row (padding_free)
+                    rec["tokens"].append(int(inputs["num_real_tokens"]))
+                    rec["batches"].append(None)
+                else:
+                    mask = inputs["attention_mask"].bool()
+                    rec["tokens"].append(int(mask.sum()))
+                    rec["batches"].append([row[m].tolist() for row, m in
+                                           zip(inputs["input_ids"], mask)])
             return out
 
     class Clock(transformers.TrainerCallback):
@@ -318,6 +331,7 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
             learning_rate=lr, beta=beta, loss_type=[loss_type], max_length=max_length,
             seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
+            padding_free=padding_free,
             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             dataloader_num_workers=0, **{ckpt: gradient_checkpointing})
         hash_module = dpo_mod.hash_module

@@ -108,6 +108,15 @@ CASES = {
     "precompute": dict(precompute_ref_log_probs=True),
     "lora": dict(_peft=True, learning_rate=5e-2),  # LoRA's B starts at 0: a larger step
     "no_grad_ckpt": dict(gradient_checkpointing=False),
+    # padding_free=True: TRL 1.16 switches it off (padded batches); the drop-in packs each
+    # micro-batch into one shared-prompt row with segment attention: the same losses.
+    "packed": dict(padding_free=True),
+    "packed_ipo": dict(padding_free=True, loss_type="ipo"),
+    "packed_list_weighted": dict(padding_free=True, loss_type=["sigmoid", "sft", "hinge"],
+                                 loss_weights=[1.0, 0.5, 0.3]),
+    "packed_precompute": dict(padding_free=True, precompute_ref_log_probs=True),
+    "packed_lora": dict(padding_free=True, _peft=True, learning_rate=5e-2),
+    "packed_truncated": dict(padding_free=True, max_length=12),
 }
 
 
@@ -128,10 +137,19 @@ def test_same_steps_as_trl(model_dir, tmp_path, case, monkeypatch):
     ref, _ = _train("trl", model_dir, tmp_path / "trl", peft=peft, **config)
     got, trainer = _train("dpo_fast", model_dir, tmp_path / "dpo_fast", peft=peft, **config)
     assert trainer.dpo_fast_slow_reason is None
-    assert len(calls) == STEPS  # the fused head ran for every step's policy pass
+    packed = config.get("padding_free", False)
+    assert trainer.dpo_fast_attention == ("packed-segments" if packed else "padded")
+    assert trainer.args.padding_free == packed
+    # the fused head ran for every step's policy pass (and the packed reference pass)
+    live_packed_ref = packed and not config.get("precompute_ref_log_probs", False)
+    assert len(calls) == STEPS * (2 if live_packed_ref else 1)
     for r, g in zip(ref, got):
         assert abs(r["loss"] - g["loss"]) <= 1e-4, (r["step"], r["loss"], g["loss"])
         for k in METRICS:
+            if k == "rewards/accuracies" and r["rewards/chosen"] == r["rewards/rejected"] == 0:
+                # policy == reference in TRL (step 1): exact ties, which a reference computed
+                # another way (packed vs padded rows) breaks by rounding noise
+                continue
             tol = max(1e-4, 1e-5 * abs(r[k])) if k.startswith("logps/") else 1e-4
             assert abs(r[k] - g[k]) <= tol, (r["step"], k, r[k], g[k])
     # The policy trained: a later step's loss differs from step 1's.
@@ -194,3 +212,62 @@ def test_python_m_without_script():
     proc = subprocess.run([sys.executable, "-m", "dpo_fast.trl", "no_such_script.py"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no_such_script.py" in proc.stderr
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp(model_dir, out, launcher, dropin, packed=False):
+    """The DDP script on 2 CPU processes (gloo); returns (per-rank records, rank 0's losses)."""
+    tests = Path(__file__).resolve().parent
+    script = [str(tests / "trl_ddp_script.py"), str(model_dir), str(out)] + \
+        (["packed"] if packed else [])
+    entry = ["-m", "dpo_fast.trl", *script] if dropin else script
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", *entry]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+               "--dynamo_backend=no", f"--main_process_port={_free_port()}", *entry]
+        if not dropin:
+            raise ValueError("accelerate runs the drop-in only")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    import json
+
+    ranks = [[json.loads(x) for x in (out / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    return ranks, {int(k): v for k, v in json.loads((out / "losses.json").read_text()).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,packed", [("torchrun", False), ("accelerate", False),
+                                             ("torchrun", True)])
+def test_ddp_keeps_ranks_in_sync(model_dir, tmp_path, launcher, packed):
+    """TRL #7245's check: under 2-process DDP every parameter is equal on both ranks after every
+    step (digests of all parameters), while the ranks trained on different batches; the per-step
+    losses equal TRL's own DDP run's (padded; the drop-in also with padding_free=True)."""
+    ref_ranks, ref_losses = _ddp(model_dir, tmp_path / "trl", "torchrun", dropin=False)
+    ranks, losses = _ddp(model_dir, tmp_path / "dropin", launcher, dropin=True, packed=packed)
+    assert all(r["attention"] == ("packed-segments" if packed else "padded") for r in ranks[0])
+    for recs, module in ((ref_ranks, "trl.trainer.dpo_trainer"),
+                         (ranks, "dpo_fast.trl.trainer")):
+        assert [r["step"] for r in recs[0]] == [1, 2, 3] == [r["step"] for r in recs[1]]
+        for a, b in zip(*recs):
+            assert a["wrapped"] == "DistributedDataParallel" and a["trainer"] == module
+            assert a["batch"] != b["batch"]  # different data on each rank ...
+            assert a["params"] == b["params"]  # ... and the same parameters after the step
+    assert all(r["slow_reason"] is None for r in ranks[0])
+    assert ranks[0][-1]["params"] != ranks[0][0]["params"]
+    assert sorted(losses) == [1, 2, 3] == sorted(ref_losses)
+    for k in losses:
+        assert abs(losses[k] - ref_losses[k]) <= 1e-4, (k, losses[k], ref_losses[k])

@@ -19,12 +19,19 @@ Settings the fast path does not cover run TRL's own loss unchanged (same results
 speed), named in one warning at start: ``f_divergence_type`` other than ``reverse_kl``,
 ``ld_alpha``, ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
 logits TRL scales or soft-caps (``final_logit_softcapping``, ``logit_scale`` and kin: TRL's
-``logits/*`` metrics average every logit). ``padding_free`` stays as TRL 1.16 has it (off,
-with TRL's warning).
+``logits/*`` metrics average every logit).
+
+``padding_free=True`` (which TRL 1.16 switches off) packs each micro-batch's pairs into one row
+as ``dpo-fast train`` does: each prompt once, followed by its chosen and its rejected response,
+attended through dpo_fast's segment attention (no ``[L, L]`` mask; a block mask or
+flash-attn varlen where segments are not sound for the model, both checked against separate
+forwards at start). Truncation is TRL's ``keep_start`` per sequence. The losses are the padded
+ones: packing does not change the math.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -37,13 +44,17 @@ from torch import Tensor
 try:
     import trl
     from trl.trainer.dpo_config import DPOConfig as _TRLDPOConfig
+    from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.dpo_trainer import DPOTrainer as _TRLDPOTrainer
+    from trl.trainer.utils import use_adapter
 except ImportError as e:  # pragma: no cover - exercised only without trl installed
     raise ImportError("dpo_fast.trl subclasses TRL 1.16's DPOTrainer: "
                       "pip install -e '.[trl]' from a clone (trl==1.16.0)") from e
 
+from ..data.examples import PreferenceExample
 from ..losses import preference_loss
 from ..ops.dpo_loss import SequenceLogprobs, sequence_logprobs
+from ..train import batching
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +69,9 @@ _SMOOTHED = frozenset(("robust", "exo_pair", "aot", "aot_unpaired"))
 # Config fields by which TRL's fused head scales the logits (trl.trainer.utils.add_fused_lm_head).
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _NON_MODEL_KEYS = frozenset(("completion_mask", "ref_chosen_logps", "ref_rejected_logps"))
+# What the padding-free collator adds next to the body's inputs (never passed to the model).
+_PACKED_KEYS = ("dpo_fast_targets", "dpo_fast_seq_index", "dpo_fast_hidden_index",
+                "completion_lengths", "num_real_tokens")
 
 if trl.__version__ != TRL_VERSION:
     logger.warning("dpo_fast.trl is built and tested against trl==%s; trl %s is installed",
@@ -119,16 +133,41 @@ def _install_head(model: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def _head_fn(targets: Tensor):
-    """The callable the patched forward runs: ``targets`` [S, T-1] next-token ids (-100 off
-    the completions), for hidden states [S, T', D] (T' >= T: prompt-learning PEFT prepends
-    virtual tokens, dropped here as TRL does)."""
+def _padded_rows(targets: Tensor):
+    """Row selection of TRL's padded batch: ``targets`` [S, T-1] next-token ids (-100 off the
+    completions) for hidden states [S, T', D] (T' >= T: prompt-learning PEFT prepends virtual
+    tokens, dropped here as TRL does). Returns hidden -> (rows [N, D], targets [N], seq [N])."""
 
-    def head(hidden: Tensor, lm_head: torch.nn.Module) -> _HeadResult:
+    def select(hidden: Tensor):
         h = hidden[:, :-1][:, -targets.shape[1]:]
         scored = targets != -100
         rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
-        hs = h[scored.to(h.device)]
+        return h[scored.to(h.device)], targets[scored], rows[scored]
+
+    return select
+
+
+def _packed_rows(targets: Tensor, seq_index: Tensor, hidden_index: Optional[Tensor]):
+    """Row selection of a packed row (``batching.MicroBatch``): hidden [1, L, D]; shared-prompt
+    rows pick ``hidden_index`` [M] (all M targets scored), others keep the scored positions of
+    ``targets`` [L]."""
+
+    def select(hidden: Tensor):
+        h = hidden[0]
+        if hidden_index is not None:
+            return h.index_select(0, hidden_index.to(h.device)), targets, seq_index
+        scored = targets != -100
+        return h[scored.to(h.device)], targets[scored], seq_index[scored]
+
+    return select
+
+
+def _head_fn(select, num_seqs: int):
+    """The callable the patched forward runs on the body's last hidden states: ``select``
+    (:func:`_padded_rows` / :func:`_packed_rows`) picks the scored rows."""
+
+    def head(hidden: Tensor, lm_head: torch.nn.Module) -> _HeadResult:
+        hs, t, seq_index = select(hidden)
         weight, bias = lm_head.weight, lm_head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as DTensors
             weight = weight.full_tensor()
@@ -139,9 +178,8 @@ def _head_fn(targets: Tensor):
         if weight.dtype != hs.dtype:
             weight = weight.to(hs.dtype)
             bias = bias.to(hs.dtype) if bias is not None else None
-        t = targets[scored].to(hs.device)
-        seq_index = rows[scored].to(hs.device)
-        out = sequence_logprobs(hs, weight, t, seq_index, targets.shape[0], bias=bias)
+        t, seq_index = t.to(hs.device), seq_index.to(hs.device)
+        out = sequence_logprobs(hs, weight, t, seq_index, num_seqs, bias=bias)
         with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b)
             mean_logits = hs.float() @ weight.float().mean(0)
             if bias is not None:
@@ -149,6 +187,46 @@ def _head_fn(targets: Tensor):
         return _HeadResult(out, seq_index, mean_logits)
 
     return head
+
+
+class PackedPreferenceCollator:
+    """``padding_free=True``: a micro-batch of TRL's tokenized rows (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``, optionally ``ref_*_logps``) as one packed row for
+    attention ``path`` (``batching.make_micro_batch``), truncated as TRL's collator truncates
+    (``keep_start``: each sequence's first ``max_length`` tokens)."""
+
+    def __init__(self, path: str, masks, max_length: Optional[int], share_prompt: bool):
+        self.path, self.masks = path, masks
+        self.max_length, self.share_prompt = max_length, share_prompt
+
+    def _example(self, row: Dict[str, Any]) -> PreferenceExample:
+        p, c, r = (list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        if self.max_length is not None:
+            p = p[:self.max_length]
+            room = max(0, self.max_length - len(p))
+            c, r = c[:room], r[:room]
+        try:
+            return PreferenceExample(p, c, r)
+        except ValueError as e:
+            raise ValueError(f"padding_free=True cannot pack this row ({e}; prompt "
+                             f"{len(p)}, chosen {len(c)}, rejected {len(r)} tokens after "
+                             f"max_length={self.max_length}); set padding_free=False") from None
+
+    def __call__(self, rows):
+        exs = [self._example(r) for r in rows]
+        mb = batching.make_micro_batch(exs, self.path, masks=self.masks,
+                                       share_prompt=self.share_prompt)
+        out: Dict[str, Any] = dict(mb.model_inputs)
+        out.update(dpo_fast_targets=mb.targets, dpo_fast_seq_index=mb.seq_index,
+                   completion_lengths=torch.tensor([e.chosen_ids.size for e in exs]
+                                                   + [e.rejected_ids.size for e in exs]),
+                   num_real_tokens=torch.tensor(mb.num_tokens))
+        if mb.hidden_index is not None:
+            out["dpo_fast_hidden_index"] = mb.hidden_index
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            if k in rows[0]:
+                out[k] = torch.tensor([r[k] for r in rows])
+        return out
 
 
 class DPOTrainer(_TRLDPOTrainer):
@@ -160,19 +238,66 @@ class DPOTrainer(_TRLDPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        cfg = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        padding_free = bool(getattr(cfg, "padding_free", False))
+        if padding_free:  # TRL 1.16 would switch it off with a warning: the drop-in packs
+            cfg.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                cfg.padding_free = True
         unknown = [t for t in self.loss_types if t not in TRL_LOSS_TYPES]
         if unknown:
             raise ValueError(f"loss_type {unknown} is not one of TRL 1.16's DPO loss types "
                              f"{list(TRL_LOSS_TYPES)} (dpo-fast train has simpo, orpo, cpo "
                              "and unlikelihood)")
         self.dpo_fast_slow_reason = _slow_path_reason(self)
+        self.dpo_fast_attention = batching.PADDED
         if self.dpo_fast_slow_reason is not None:
+            if padding_free:
+                raise ValueError(f"padding_free=True needs the fused path, which "
+                                 f"{self.dpo_fast_slow_reason} is outside; set "
+                                 "padding_free=False (TRL's padded loss then runs)")
             logger.warning("dpo_fast.trl: %s is outside the fused path; TRL's own loss runs "
                            "(TRL's results and speed)", self.dpo_fast_slow_reason)
-        else:
-            peft = hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
-            _install_head(self.model.get_base_model() if peft else self.model)
+            return
+        _install_head(self._policy_body_model())
+        if self.ref_model is not None:
+            _install_head(self.ref_model)
+        if padding_free:
+            self._setup_packing()
+
+    def _policy_body_model(self):
+        """The transformers model under a PEFT wrapper (TRL patches the same one)."""
+        peft = hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
+        return self.model.get_base_model() if peft else self.model
+
+    def _setup_packing(self) -> None:
+        """Picks the packed attention for the policy (and the reference model), checked
+        against separate forwards (``batching.attention_path``), and swaps in the packing
+        collator."""
+        if self.args.truncation_mode != "keep_start":
+            raise ValueError("padding_free=True truncates as truncation_mode='keep_start'; got "
+                             f"truncation_mode={self.args.truncation_mode!r}")
+        device = self.args.device
+        policy = self._policy_body_model()
+        path = batching.attention_path(policy, "auto", device)
+        if path == batching.PADDED:
+            logger.warning("dpo_fast.trl: padding_free=True: %s cannot run packed rows here "
+                           "(the warning above says why); padded batches", type(policy).__name__)
+            return
+        if self.ref_model is not None:
+            ref_path = batching.attention_path(self.ref_model, "auto", device)
+            if ref_path != path:
+                raise ValueError(f"padding_free=True: the policy packs as {path!r}, the "
+                                 f"reference model as {ref_path!r}; give both the same "
+                                 "attn_implementation")
+        self.dpo_fast_attention = path
+        self.data_collator = PackedPreferenceCollator(
+            path, batching.mask_plan(policy), self.args.max_length,
+            share_prompt=path in batching.SHARING_PATHS)
+        logger.info("dpo_fast.trl: padding_free=True packs micro-batches (%s)", path)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.dpo_fast_slow_reason is not None or return_outputs:
@@ -181,19 +306,34 @@ class DPOTrainer(_TRLDPOTrainer):
 
     # ------------------------------------------------------------------ fast path
 
-    def _reference_logps(self, inputs: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
+    def _reference_logps(self, inputs: Dict[str, Any], model_kwargs: Dict[str, Any],
+                         head) -> Tuple[Tensor, Tensor]:
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        # TRL's own reference pass: the reference model, or the policy with its adapter off.
-        return self.compute_ref_log_probs(
-            self.ref_model if self.ref_model is not None else self.model, inputs)
+        if "dpo_fast_targets" not in inputs:
+            # TRL's own reference pass: the reference model, or the policy with its adapter off.
+            return self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs)
+        # A packed row: the same row through the reference (TRL's choices of model / adapter).
+        adapter = contextlib.nullcontext()
+        model = self.ref_model
+        if model is None:
+            model = self.model
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if hasattr(unwrapped, "peft_config"):
+                adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in
+                                      unwrapped.peft_config else None)
+        with torch.no_grad(), adapter, self.accelerator.autocast(), \
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps = model(**model_kwargs, dpo_fast_head=head).seq.logps
+        return logps.chunk(2)
 
     def _pair_loss(self, loss_type: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor,
-                   seq: SequenceLogprobs, completion_mask: Tensor) -> Tensor:
+                   seq: SequenceLogprobs, completion_lengths: Tensor) -> Tensor:
         b = pc.shape[0]
         if loss_type == "sft":  # TRL: mean log-prob over every chosen token of the batch
             return -(seq.logps[:b].sum() / seq.lengths[:b].sum())
-        lengths = completion_mask.sum(1).clamp(min=1).to(pc.dtype)
+        lengths = completion_lengths.clamp(min=1).to(pc.dtype)
         out = preference_loss(
             pc, pr, rc, rr, loss_type=loss_type, beta=self.beta,
             label_smoothing=self.label_smoothing if loss_type in _SMOOTHED else 0.0,
@@ -203,25 +343,38 @@ class DPOTrainer(_TRLDPOTrainer):
 
     def _fused_loss(self, model, inputs: Dict[str, Any]) -> Tensor:
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
-        input_ids = inputs["input_ids"]
-        b = input_ids.shape[0] // 2
-        targets = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        if "dpo_fast_targets" in inputs:  # padding_free: one packed row
+            lengths = inputs["completion_lengths"]
+            b = lengths.shape[0] // 2
+            head = _head_fn(_packed_rows(inputs["dpo_fast_targets"], inputs["dpo_fast_seq_index"],
+                                         inputs.get("dpo_fast_hidden_index")), 2 * b)
+            num_tokens = inputs["num_real_tokens"]
+            skip = _NON_MODEL_KEYS.union(_PACKED_KEYS)
+        else:  # TRL's padded batch
+            completion_mask = inputs["completion_mask"]
+            input_ids = inputs["input_ids"]
+            b = input_ids.shape[0] // 2
+            lengths = completion_mask.sum(1)
+            head = _head_fn(_padded_rows(
+                input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)), 2 * b)
+            num_tokens = inputs["attention_mask"].sum()
+            skip = _NON_MODEL_KEYS
+        model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
-        res: _HeadResult = model(**model_kwargs, dpo_fast_head=_head_fn(targets))
+        res: _HeadResult = model(**model_kwargs, dpo_fast_head=head)
         seq = res.seq
         pc, pr = seq.logps[:b], seq.logps[b:]
-        rc, rr = self._reference_logps(inputs)
+        rc, rr = self._reference_logps(inputs, model_kwargs, head)
         rc, rr = rc.to(pc.device, pc.dtype), rr.to(pc.device, pc.dtype)
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             loss = loss + self._pair_loss(loss_type, pc, pr, rc, rr, seq,
-                                          completion_mask.to(pc.device)) * weight
-        self._log_fused_metrics(mode, inputs, res, pc.detach(), pr.detach(), rc, rr, b)
+                                          lengths.to(pc.device)) * weight
+        self._log_fused_metrics(mode, num_tokens, res, pc.detach(), pr.detach(), rc, rr, b)
         return loss
 
-    def _log_fused_metrics(self, mode, inputs, res: _HeadResult, pc, pr, rc, rr, b) -> None:
+    def _log_fused_metrics(self, mode, num_tokens: Tensor, res: _HeadResult, pc, pr, rc, rr,
+                           b) -> None:
         """TRL 1.16's metrics, by name and definition, from the fused outputs."""
         acc = self.accelerator
         metrics = self._metrics[mode]
@@ -235,7 +388,8 @@ class DPOTrainer(_TRLDPOTrainer):
         n = torch.tensor(seq.entropy.numel(), device=seq.entropy.device)
         metrics["entropy"].append(token_mean(seq.entropy.sum(), n))
         if mode == "train":
-            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            # TRL counts the padded batch's attention mask: both sequences' prompts
+            tokens = acc.gather_for_metrics(num_tokens).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         n_chosen, n_rejected = chosen.sum(), (~chosen).sum()
@@ -255,4 +409,5 @@ class DPOTrainer(_TRLDPOTrainer):
         metrics["logps/rejected"].append(acc.gather(pr).mean().item())
 
 
-__all__ = ["DPOConfig", "DPOTrainer", "TRL_VERSION", "TRL_LOSS_TYPES"]
+__all__ = ["DPOConfig", "DPOTrainer", "PackedPreferenceCollator", "TRL_VERSION",
+           "TRL_LOSS_TYPES"]
