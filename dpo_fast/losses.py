@@ -32,6 +32,14 @@ orpo            chosen_nll - lambda log sig(log_odds),
 cpo             -(1-eps) log sig(x) - eps log sig(-x) + alpha chosen_nll, x = beta (pc - pr)
 ==============  =================================================================================
 
+f-DPO (Wang et al. 2023; TRL's ``f_divergence_type``): the log-ratios ``u = pc - rc`` and
+``pr - rr`` inside ``h`` (and inside ``h_avg``) are replaced by the scores ``f'(exp(u))``:
+``reverse_kl`` u (standard DPO), ``forward_kl`` 1 - exp(-u), ``js_divergence``
+log 2 + log sig(u), ``alpha_divergence`` (exp((alpha-1) u) - 1) / (alpha-1) with the exponent
+clamped at 80 (u itself at alpha = 1). Only for sigmoid, sigmoid_norm, hinge, ipo, exo_pair,
+robust, discopop and sft (TRL refuses the others: the f-DPO reparameterisation's log Z(x) only
+cancels in the chosen - rejected difference). Rewards stay ``beta * u``.
+
 The batch loss is the mean of the per-pair losses; a list of loss types sums
 ``weight_k * loss_k`` per pair (TRL's ``loss_weights``; e.g. MPO = ``["sigmoid", "bco_pair",
 "sft"]``). Everything is differentiable w.r.t. the policy log-probs and ``chosen_nll``;
@@ -83,6 +91,11 @@ REFERENCE_FREE_TYPES = ("simpo", "orpo", "cpo")
 NO_REFERENCE_TYPES = frozenset(REFERENCE_FREE_TYPES + ("sft", "unlikelihood"))
 _NO_REF = NO_REFERENCE_TYPES
 _NEEDS_LENGTHS = frozenset(("ipo", "sigmoid_norm", "simpo", "orpo", "unlikelihood"))
+#: ``f_divergence_type`` values (TRL 1.16's names; ``reverse_kl`` is standard DPO).
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: The loss types an f-divergence other than reverse_kl applies to (as TRL 1.16).
+F_DIVERGENCE_TYPES = frozenset(("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                "discopop", "sft"))
 _LN2 = math.log(2.0)
 
 
@@ -255,6 +268,18 @@ def dpo_sigmoid_coefficients(
 # ------------------------------------------------------------------------------- the losses
 
 
+def _f_score(u: Tensor, kind: str, alpha: float) -> Tensor:
+    """f'(exp(u)) of the f-divergence ``kind`` for log-ratios ``u`` (see the module docstring)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return u
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-u)
+    if kind == "js_divergence":
+        return _LN2 + F.logsigmoid(u)
+    t = torch.clamp((alpha - 1.0) * u, max=80.0)  # alpha_divergence: exp stays finite
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
+
+
 def _term(kind: str, v: dict, beta: float, eps: float, p: dict) -> Tensor:
     """Unweighted per-pair loss [B] of one loss type. ``v`` holds the [B] inputs."""
     pc, pr = v["pc"], v["pr"]
@@ -272,7 +297,7 @@ def _term(kind: str, v: dict, beta: float, eps: float, p: dict) -> Tensor:
     if kind == "unlikelihood":
         return v["nll"] - p["unlikelihood_alpha"] * _log1mexp(pr / v["lr"])
 
-    s_w, s_l = pc - v["rc"], pr - v["rr"]
+    s_w, s_l = v["sw"], v["sl"]  # the log-ratios, or their f-divergence scores
     h = s_w - s_l
     if kind == "sigmoid":
         return _smoothed_sigmoid(beta * h, eps)
@@ -334,6 +359,8 @@ def preference_loss(
     orpo_lambda: Optional[float] = None,
     cpo_alpha: float = 1.0,
     unlikelihood_alpha: float = 1.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> PreferenceLossOutput:
     """Preference loss on per-pair sequence log-probs (formulas in the module docstring).
 
@@ -362,6 +389,10 @@ def preference_loss(
             where ``beta`` is the paper's lambda.
         cpo_alpha: weight of CPO's NLL term (>= 0; TRL ``CPOConfig.cpo_alpha``, default 1.0).
         unlikelihood_alpha: weight (>= 0) of the unlikelihood term on y_l (default 1.0).
+        f_divergence_type: one of :data:`F_DIVERGENCES` (TRL's names): the f-DPO score that
+            replaces the log-ratios; other than ``reverse_kl`` only for the
+            :data:`F_DIVERGENCE_TYPES`.
+        f_alpha_divergence_coef: alpha of ``alpha_divergence`` (TRL default 0.5).
 
     Returns:
         :class:`PreferenceLossOutput`; tensors are float32 (float64 if any input is float64).
@@ -382,6 +413,15 @@ def preference_loss(
         "unlikelihood_alpha": _check_number("unlikelihood_alpha", unlikelihood_alpha,
                                             nonneg=True),
     }
+
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got "
+                         f"{f_divergence_type!r}")
+    outside = [t for t in types if t not in F_DIVERGENCE_TYPES]
+    if f_divergence_type != "reverse_kl" and outside:
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
+                         f"{sorted(F_DIVERGENCE_TYPES)}; got {outside[0]!r} (use reverse_kl)")
+    f_alpha = _check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
 
     pc = _check_vector("policy_chosen_logps", policy_chosen_logps, None, None)
     batch, device = pc.shape[0], pc.device
@@ -425,6 +465,8 @@ def preference_loss(
     v = {"pc": pc.to(dtype), "pr": pr.to(dtype)}
     if has_ref:
         v["rc"], v["rr"] = rc.to(dtype), rr.to(dtype)
+        v["sw"] = _f_score(v["pc"] - v["rc"], f_divergence_type, f_alpha)
+        v["sl"] = _f_score(v["pr"] - v["rr"], f_divergence_type, f_alpha)
     if chosen_lengths is not None:
         v["lc"] = chosen_lengths.to(dtype)
     if rejected_lengths is not None:

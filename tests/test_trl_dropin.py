@@ -5,8 +5,10 @@ Per step: the training loss and every metric TRL logs (rewards/*, logps/*, logit
 entropy, mean_token_accuracy, num_tokens) within 1e-4 (logps/* sum ~10 tokens of |log p| ~ 5;
 within max(1e-4, 1e-5 relative)), for loss types with and without a reference, a weighted
 ``loss_type`` list, label smoothing, TRL's precompute and LoRA; the fused head ran (counted);
-a setting outside the fused path runs TRL's own loss (named in a warning); and an unedited
-TRL script runs through ``python -m dpo_fast.trl``. Under CI a missing trl fails.
+f-divergences and LD-DPO; a setting outside the fused path runs TRL's own loss (named in a warning);
+precompute through dpo_fast's cache, reused by a second run; an unedited TRL script runs
+through ``python -m dpo_fast.trl``; and 2-process DDP keeps every parameter equal on
+both ranks. Under CI a missing trl fails.
 """
 
 from __future__ import annotations
@@ -108,6 +110,15 @@ CASES = {
     "precompute": dict(precompute_ref_log_probs=True),
     "lora": dict(_peft=True, learning_rate=5e-2),  # LoRA's B starts at 0: a larger step
     "no_grad_ckpt": dict(gradient_checkpointing=False),
+    "forward_kl": dict(f_divergence_type="forward_kl"),
+    "js_ipo": dict(f_divergence_type="js_divergence", loss_type="ipo"),
+    "alpha_hinge": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
+                        loss_type="hinge"),
+    "packed_alpha": dict(padding_free=True, f_divergence_type="alpha_divergence"),
+    "ld_alpha": dict(ld_alpha=0.5),
+    "ld_alpha_list": dict(ld_alpha=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "ld_alpha_precompute": dict(ld_alpha=0.5, precompute_ref_log_probs=True),
+    "packed_ld_alpha": dict(padding_free=True, ld_alpha=0.0),
     # padding_free=True: TRL 1.16 switches it off (padded batches); the drop-in packs each
     # micro-batch into one shared-prompt row with segment attention: the same losses.
     "packed": dict(padding_free=True),
@@ -156,13 +167,29 @@ def test_same_steps_as_trl(model_dir, tmp_path, case, monkeypatch):
     assert abs(got[-1]["loss"] - got[0]["loss"]) > 1e-3
 
 
+def test_precompute_fills_and_reuses_the_cache(model_dir, tmp_path):
+    """precompute_ref_log_probs=True fills dpo_fast's on-disk cache (default
+    <output_dir>/ref_cache, or ref_cache_dir); a second run computes no row and trains the same
+    steps."""
+    first, t1 = _train("dpo_fast", model_dir, tmp_path / "run", precompute_ref_log_probs=True)
+    assert (tmp_path / "run" / "ref_cache" / "manifest.json").is_file()
+    assert t1.dpo_fast_ref_cache.last_build.rows_computed == 16
+    again, t2 = _train("dpo_fast", model_dir, tmp_path / "run", precompute_ref_log_probs=True)
+    assert t2.dpo_fast_ref_cache.last_build.rows_computed == 0
+    assert [x["loss"] for x in again] == [x["loss"] for x in first]
+    other, t3 = _train("dpo_fast", model_dir, tmp_path / "run2", precompute_ref_log_probs=True,
+                       ref_cache_dir=str(tmp_path / "run" / "ref_cache"))
+    assert t3.dpo_fast_ref_cache.last_build.rows_computed == 0
+    assert not (tmp_path / "run2" / "ref_cache").exists()
+
+
 def test_outside_fused_path_runs_trls_loss(model_dir, tmp_path, caplog):
-    config = dict(f_divergence_type="js_divergence")
+    config = dict(use_weighting=True)
     ref, _ = _train("trl", model_dir, tmp_path / "trl", **config)
     with caplog.at_level(logging.WARNING, logger="dpo_fast.trl.trainer"):
         got, trainer = _train("dpo_fast", model_dir, tmp_path / "dpo_fast", **config)
-    assert trainer.dpo_fast_slow_reason == "f_divergence_type='js_divergence'"
-    assert "js_divergence" in caplog.text and "TRL's own loss" in caplog.text
+    assert trainer.dpo_fast_slow_reason == "use_weighting (WPO)"
+    assert "use_weighting" in caplog.text and "TRL's own loss" in caplog.text
     for r, g in zip(ref, got):
         assert abs(r["loss"] - g["loss"]) <= 1e-6
 
@@ -222,11 +249,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp(model_dir, out, launcher, dropin, packed=False):
+def _ddp(model_dir, out, launcher, dropin, packed=False, precompute=False):
     """The DDP script on 2 CPU processes (gloo); returns (per-rank records, rank 0's losses)."""
     tests = Path(__file__).resolve().parent
     script = [str(tests / "trl_ddp_script.py"), str(model_dir), str(out)] + \
-        (["packed"] if packed else [])
+        (["packed"] if packed else []) + (["precompute"] if precompute else [])
     entry = ["-m", "dpo_fast.trl", *script] if dropin else script
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -250,14 +277,21 @@ def _ddp(model_dir, out, launcher, dropin, packed=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,packed", [("torchrun", False), ("accelerate", False),
-                                             ("torchrun", True)])
-def test_ddp_keeps_ranks_in_sync(model_dir, tmp_path, launcher, packed):
+@pytest.mark.parametrize("launcher,packed,precompute", [
+    ("torchrun", False, False), ("accelerate", False, False), ("torchrun", True, False),
+    ("torchrun", True, True)])
+def test_ddp_keeps_ranks_in_sync(model_dir, tmp_path, launcher, packed, precompute):
     """TRL #7245's check: under 2-process DDP every parameter is equal on both ranks after every
     step (digests of all parameters), while the ranks trained on different batches; the per-step
-    losses equal TRL's own DDP run's (padded; the drop-in also with padding_free=True)."""
+    losses equal TRL's own DDP run's (padded; the drop-in also with padding_free=True, and with
+    the reference precomputed into dpo_fast's cache by both ranks). TRL's run keeps its live
+    reference (the same values in fp32): TRL 1.16's own precompute fails under 2 processes with
+    an in-memory dataset (rank 1 looks for rank 0's temporary arrow file)."""
     ref_ranks, ref_losses = _ddp(model_dir, tmp_path / "trl", "torchrun", dropin=False)
-    ranks, losses = _ddp(model_dir, tmp_path / "dropin", launcher, dropin=True, packed=packed)
+    ranks, losses = _ddp(model_dir, tmp_path / "dropin", launcher, dropin=True, packed=packed,
+                         precompute=precompute)
+    if precompute:
+        assert (tmp_path / "dropin" / "run" / "ref_cache" / "manifest.json").is_file()
     assert all(r["attention"] == ("packed-segments" if packed else "padded") for r in ranks[0])
     for recs, module in ((ref_ranks, "trl.trainer.dpo_trainer"),
                          (ranks, "dpo_fast.trl.trainer")):

@@ -2,7 +2,7 @@
 tests/test_trl_dropin.py: trains 3 steps on the tiny model and, after every optimizer step,
 writes a digest of every parameter and of the batch this rank trained on to OUT/rank{R}.jsonl
 (rank 0: the losses to OUT/losses.json). Run:
-[torchrun ... | accelerate launch ...] [-m dpo_fast.trl] trl_ddp_script.py MODEL OUT [packed]."""
+[torchrun ... | accelerate launch ...] [-m dpo_fast.trl] trl_ddp_script.py MODEL OUT [packed] [precompute]."""
 
 import hashlib
 import json
@@ -16,7 +16,8 @@ from tiny import word_rows
 from trl import DPOConfig, DPOTrainer
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
-packed = sys.argv[3:] == ["packed"]
+packed = "packed" in sys.argv[3:]
+precompute = "precompute" in sys.argv[3:]
 out.mkdir(parents=True, exist_ok=True)
 
 
@@ -58,7 +59,8 @@ class Spy(DPOTrainer):  # only records the batch each rank trained on
 
 args = DPOConfig(output_dir=str(out / "run"), per_device_train_batch_size=2, max_steps=3,
                  learning_rate=5e-3, logging_steps=1, report_to="none", save_strategy="no",
-                 seed=0, use_cpu=True, bf16=False, ddp_backend="gloo", padding_free=packed)
+                 seed=0, use_cpu=True, bf16=False, ddp_backend="gloo", padding_free=packed,
+                 precompute_ref_log_probs=precompute)
 trainer = Spy(model=transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
               args=args, processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
               train_dataset=datasets.Dataset.from_list(word_rows(16, seed=5)), callbacks=[rec])

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-from ..losses import LOSS_TYPES, NO_REFERENCE_TYPES
+from ..losses import F_DIVERGENCE_TYPES, F_DIVERGENCES, LOSS_TYPES, NO_REFERENCE_TYPES
 
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -102,6 +102,10 @@ class TrainConfig:
         orpo_lambda: ORPO's odds-ratio weight (default: beta).
         discopop_tau: DiscoPOP's mixing temperature.
         unlikelihood_alpha: Weight of the unlikelihood term on the rejected response.
+        f_divergence_type: f-DPO divergence (TRL's names): reverse_kl (standard DPO),
+            forward_kl, js_divergence or alpha_divergence; other than reverse_kl only for
+            sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft.
+        f_alpha_divergence_coef: alpha of alpha_divergence.
         optimizer: adamw (default) or rmsprop (the DPO paper's).
         learning_rate: Peak learning rate.
         weight_decay: Weight decay.
@@ -210,6 +214,9 @@ class TrainConfig:
     orpo_lambda: Optional[float] = None
     discopop_tau: float = 0.05
     unlikelihood_alpha: float = 1.0
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
+                               "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 1e-6
@@ -294,6 +301,9 @@ class TrainConfig:
             kw["discopop_tau"] = self.discopop_tau
         if "unlikelihood" in types:
             kw["unlikelihood_alpha"] = self.unlikelihood_alpha
+        if self.f_divergence_type != "reverse_kl":
+            kw["f_divergence_type"] = self.f_divergence_type
+            kw["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
         return kw
 
     def to_dict(self) -> Dict[str, Any]:
@@ -386,6 +396,13 @@ class TrainConfig:
                                           for w in self.loss_weights):
                 raise bad("loss_weights", f"a list of {len(types)} finite numbers (one per "
                           "loss_type)")
+        choice("f_divergence_type", F_DIVERGENCES)
+        if self.f_divergence_type != "reverse_kl":
+            outside = [t for t in self.loss_types if t not in F_DIVERGENCE_TYPES]
+            if outside:
+                raise bad("f_divergence_type", f"'reverse_kl' with loss_type {outside[0]!r} "
+                          f"(the f-divergences apply to {sorted(F_DIVERGENCE_TYPES)})")
+        number("f_alpha_divergence_coef", -math.inf)
         number("beta", 0.0, lo_open=True)
         number("label_smoothing", 0.0, 0.5, hi_open=True)
         number("rpo_alpha", 0.0, optional=True)

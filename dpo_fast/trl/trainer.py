@@ -15,9 +15,10 @@ The model is called through whatever wraps it (DDP / FSDP / accelerate, under th
 autocast): the head runs inside the wrapped model's forward, so gradient synchronisation
 sees every parameter it uses.
 
-Settings the fast path does not cover run TRL's own loss unchanged (same results at TRL's
-speed), named in one warning at start: ``f_divergence_type`` other than ``reverse_kl``,
-``ld_alpha``, ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
+``f_divergence_type`` (f-DPO) is dpo_fast's too (``preference_loss``), and ``ld_alpha``
+(LD-DPO) splits each sequence's positions at the pair's shared length inside the fused op. Settings the fast path
+does not cover run TRL's own loss unchanged (same results at TRL's speed), named in one warning
+at start: ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
 logits TRL scales or soft-caps (``final_logit_softcapping``, ``logit_scale`` and kin: TRL's
 ``logits/*`` metrics average every logit).
 
@@ -35,7 +36,8 @@ import contextlib
 import functools
 import logging
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -53,8 +55,11 @@ except ImportError as e:  # pragma: no cover - exercised only without trl instal
 
 from ..data.examples import PreferenceExample
 from ..losses import preference_loss
+from ..refcache import RefLogProbCache, fingerprint
 from ..ops.dpo_loss import SequenceLogprobs, sequence_logprobs
 from ..train import batching
+from ..train.reference import reference_view
+from ..train.sharding import base_state, is_peft
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +85,18 @@ if trl.__version__ != TRL_VERSION:
 
 @dataclass
 class DPOConfig(_TRLDPOConfig):
-    """TRL 1.16's ``DPOConfig``, field for field (``dpo_fast.trl.DPOTrainer`` reads the same
-    arguments)."""
+    """TRL 1.16's ``DPOConfig``, field for field, plus:
+
+    ``ref_cache_dir``: where ``precompute_ref_log_probs=True`` keeps the reference log-probs
+    (dpo_fast's on-disk cache, keyed by each pair's token ids and the reference model's
+    fingerprint): a later run of the same script finds them there and computes only the pairs
+    it lacks. Default ``<output_dir>/ref_cache``.
+    """
+
+    ref_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "dpo_fast reference-cache directory for "
+                                        "precompute_ref_log_probs (default: "
+                                        "<output_dir>/ref_cache)"})
 
 
 @dataclass
@@ -89,17 +104,14 @@ class _HeadResult:
     """What the patched forward returns on the fast path. ``S`` = 2B sequences (chosen rows
     first, as TRL's collator stacks them), ``N`` = scored positions."""
 
-    seq: SequenceLogprobs   # logps [S] differentiable, per-position extras [N]
+    seq: SequenceLogprobs   # logps [S] differentiable (LD-DPO-weighted), per-position extras [N]
     seq_index: Tensor       # [N] int64, the row of each scored position
     mean_logits: Tensor     # [N] fp32 mean over the vocabulary of the logits (detached)
+    plain_logps: Tensor     # [S] unweighted sums (= seq.logps without ld_alpha), for sft
 
 
 def _slow_path_reason(trainer: "DPOTrainer") -> Optional[str]:
     """Why the fast path cannot give TRL's results for this trainer's settings, or None."""
-    if trainer.f_divergence_type != "reverse_kl":
-        return f"f_divergence_type={trainer.f_divergence_type!r}"
-    if trainer.ld_alpha is not None:
-        return "ld_alpha (LD-DPO)"
     if trainer.use_weighting:
         return "use_weighting (WPO)"
     if trainer.aux_loss_enabled:
@@ -162,9 +174,24 @@ def _packed_rows(targets: Tensor, seq_index: Tensor, hidden_index: Optional[Tens
     return select
 
 
-def _head_fn(select, num_seqs: int):
+def _ld_split(seq_index: Tensor, num_seqs: int) -> Tensor:
+    """LD-DPO's split: sequence ids [N] (sorted, each sequence's positions in order) ->
+    ids in [0, 2S): a position past the pair's shared length (the shorter response's token
+    count) moves to ``S + its sequence``."""
+    if bool((seq_index[1:] < seq_index[:-1]).any()):
+        raise AssertionError("ld_alpha: the scored positions are not in sequence order")
+    counts = torch.bincount(seq_index, minlength=num_seqs)
+    b = num_seqs // 2
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    first = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(seq_index.numel(), device=seq_index.device) - first[seq_index]
+    return seq_index + num_seqs * (pos >= shared[seq_index]).long()
+
+
+def _head_fn(select, num_seqs: int, ld_alpha: Optional[float] = None):
     """The callable the patched forward runs on the body's last hidden states: ``select``
-    (:func:`_padded_rows` / :func:`_packed_rows`) picks the scored rows."""
+    (:func:`_padded_rows` / :func:`_packed_rows`) picks the scored rows. ``ld_alpha``
+    (LD-DPO): each sequence's log-prob is its shared part plus ``ld_alpha`` times the rest."""
 
     def head(hidden: Tensor, lm_head: torch.nn.Module) -> _HeadResult:
         hs, t, seq_index = select(hidden)
@@ -179,14 +206,39 @@ def _head_fn(select, num_seqs: int):
             weight = weight.to(hs.dtype)
             bias = bias.to(hs.dtype) if bias is not None else None
         t, seq_index = t.to(hs.device), seq_index.to(hs.device)
-        out = sequence_logprobs(hs, weight, t, seq_index, num_seqs, bias=bias)
+        if ld_alpha is None:
+            out = sequence_logprobs(hs, weight, t, seq_index, num_seqs, bias=bias)
+            plain = out.logps
+        else:
+            split = sequence_logprobs(hs, weight, t, _ld_split(seq_index, num_seqs),
+                                      2 * num_seqs, bias=bias)
+            shared, tail = split.logps[:num_seqs], split.logps[num_seqs:]
+            plain = shared + tail
+            out = split._replace(logps=shared + ld_alpha * tail,
+                                 lengths=split.lengths[:num_seqs] + split.lengths[num_seqs:])
         with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b)
             mean_logits = hs.float() @ weight.float().mean(0)
             if bias is not None:
                 mean_logits = mean_logits + bias.float().mean()
-        return _HeadResult(out, seq_index, mean_logits)
+        return _HeadResult(out, seq_index, mean_logits, plain)
 
     return head
+
+
+def truncated_example(row: Dict[str, Any], max_length: Optional[int]):
+    """TRL's tokenized row as the :class:`PreferenceExample` its collator feeds the model
+    (``keep_start``: each of prompt + chosen / prompt + rejected cut to ``max_length``), or a
+    message saying why it is none (an empty prompt or response)."""
+    p, c, r = (list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    if max_length is not None:
+        p = p[:max_length]
+        room = max(0, max_length - len(p))
+        c, r = c[:room], r[:room]
+    try:
+        return PreferenceExample(p, c, r)
+    except ValueError as e:
+        return (f"{e}; prompt {len(p)}, chosen {len(c)}, rejected {len(r)} tokens after "
+                f"max_length={max_length}")
 
 
 class PackedPreferenceCollator:
@@ -200,17 +252,11 @@ class PackedPreferenceCollator:
         self.max_length, self.share_prompt = max_length, share_prompt
 
     def _example(self, row: Dict[str, Any]) -> PreferenceExample:
-        p, c, r = (list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        if self.max_length is not None:
-            p = p[:self.max_length]
-            room = max(0, self.max_length - len(p))
-            c, r = c[:room], r[:room]
-        try:
-            return PreferenceExample(p, c, r)
-        except ValueError as e:
-            raise ValueError(f"padding_free=True cannot pack this row ({e}; prompt "
-                             f"{len(p)}, chosen {len(c)}, rejected {len(r)} tokens after "
-                             f"max_length={self.max_length}); set padding_free=False") from None
+        ex = truncated_example(row, self.max_length)
+        if isinstance(ex, str):
+            raise ValueError(f"padding_free=True cannot pack this row ({ex}); set "
+                             "padding_free=False")
+        return ex
 
     def __call__(self, rows):
         exs = [self._example(r) for r in rows]
@@ -299,6 +345,53 @@ class DPOTrainer(_TRLDPOTrainer):
             share_prompt=path in batching.SHARING_PATHS)
         logger.info("dpo_fast.trl: padding_free=True packs micro-batches (%s)", path)
 
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """``precompute_ref_log_probs=True``: the reference log-probs from dpo_fast's on-disk
+        cache (``ref_cache_dir``), computed there for the pairs it lacks; TRL's own precompute
+        where the fused path does not apply (the warning at start names why)."""
+        why = _slow_path_reason(self) or self._cache_unusable(dataset)
+        if why is not None:
+            logger.info("dpo_fast.trl: TRL's reference precompute for %s (%s)", name, why)
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        examples = [truncated_example(row, self.args.max_length) for row in
+                    dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])]
+        bad = [i for i, e in enumerate(examples) if isinstance(e, str)]
+        if bad:
+            logger.info("dpo_fast.trl: TRL's reference precompute for %s (row %d: %s)", name,
+                        bad[0], examples[bad[0]])
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        ref = self.ref_model if self.ref_model is not None else self.model
+        view, adapters_off = reference_view(ref)
+        path = Path(getattr(self.args, "ref_cache_dir", None) or
+                    Path(self.args.output_dir) / "ref_cache")
+        fp = fingerprint(view, self.processing_class, max_length=self.args.max_length,
+                         state_dict=base_state(ref) if is_peft(ref) else None)
+        with adapters_off:
+            cache = RefLogProbCache.ensure(view, examples, path, fingerprint=fp,
+                                           batch_tokens=1024 if self.args.device.type == "cpu"
+                                           else 16384)
+        c, r = cache.lookup([e.key_bytes for e in examples], split=True)
+        self.dpo_fast_ref_cache = cache
+        done = getattr(cache, "last_build", None)
+        logger.info("dpo_fast.trl: reference log-probs of %d %s pairs from %s (%s computed)",
+                    len(examples), name, path,
+                    getattr(done, "rows_computed", "?") if done is not None else 0)
+        return dataset.add_column("ref_chosen_logps", c.tolist()).add_column(
+            "ref_rejected_logps", r.tolist())
+
+    def _cache_unusable(self, dataset) -> Optional[str]:
+        """Why the reference cache cannot stand in for TRL's precompute here, or None."""
+        if not hasattr(dataset, "select_columns") or not hasattr(dataset, "add_column"):
+            return f"a {type(dataset).__name__}"  # TRL refuses iterable datasets itself
+        ref = self.ref_model if self.ref_model is not None else self.model
+        if is_peft(ref) and "ref" in getattr(ref, "peft_config", {}):
+            return "a peft model with a 'ref' adapter"
+        if self.is_deepspeed_enabled:
+            return "DeepSpeed"
+        if self.ld_alpha is not None:
+            return "ld_alpha (the cache holds whole-sequence sums)"
+        return None
+
     def _compute_loss(self, model, inputs, return_outputs):
         if self.dpo_fast_slow_reason is not None or return_outputs:
             return super()._compute_loss(model, inputs, return_outputs)
@@ -329,16 +422,17 @@ class DPOTrainer(_TRLDPOTrainer):
         return logps.chunk(2)
 
     def _pair_loss(self, loss_type: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor,
-                   seq: SequenceLogprobs, completion_lengths: Tensor) -> Tensor:
+                   seq: SequenceLogprobs, plain: Tensor, completion_lengths: Tensor) -> Tensor:
         b = pc.shape[0]
         if loss_type == "sft":  # TRL: mean log-prob over every chosen token of the batch
-            return -(seq.logps[:b].sum() / seq.lengths[:b].sum())
+            return -(plain[:b].sum() / seq.lengths[:b].sum())
         lengths = completion_lengths.clamp(min=1).to(pc.dtype)
         out = preference_loss(
             pc, pr, rc, rr, loss_type=loss_type, beta=self.beta,
             label_smoothing=self.label_smoothing if loss_type in _SMOOTHED else 0.0,
             chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-            discopop_tau=self.args.discopop_tau)
+            discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef)
         return out.loss
 
     def _fused_loss(self, model, inputs: Dict[str, Any]) -> Tensor:
@@ -347,7 +441,8 @@ class DPOTrainer(_TRLDPOTrainer):
             lengths = inputs["completion_lengths"]
             b = lengths.shape[0] // 2
             head = _head_fn(_packed_rows(inputs["dpo_fast_targets"], inputs["dpo_fast_seq_index"],
-                                         inputs.get("dpo_fast_hidden_index")), 2 * b)
+                                         inputs.get("dpo_fast_hidden_index")), 2 * b,
+                            self.ld_alpha)
             num_tokens = inputs["num_real_tokens"]
             skip = _NON_MODEL_KEYS.union(_PACKED_KEYS)
         else:  # TRL's padded batch
@@ -356,7 +451,8 @@ class DPOTrainer(_TRLDPOTrainer):
             b = input_ids.shape[0] // 2
             lengths = completion_mask.sum(1)
             head = _head_fn(_padded_rows(
-                input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)), 2 * b)
+                input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)), 2 * b,
+                self.ld_alpha)
             num_tokens = inputs["attention_mask"].sum()
             skip = _NON_MODEL_KEYS
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
@@ -368,7 +464,7 @@ class DPOTrainer(_TRLDPOTrainer):
         rc, rr = rc.to(pc.device, pc.dtype), rr.to(pc.device, pc.dtype)
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
-            loss = loss + self._pair_loss(loss_type, pc, pr, rc, rr, seq,
+            loss = loss + self._pair_loss(loss_type, pc, pr, rc, rr, seq, res.plain_logps,
                                           lengths.to(pc.device)) * weight
         self._log_fused_metrics(mode, num_tokens, res, pc.detach(), pr.detach(), rc, rr, b)
         return loss
