@@ -69,7 +69,7 @@ import harness
 import trl_parity
 
 CASES = ("trl_default", "trl_precompute", "trl_no_ckpt", "plain", "dpo_fast", "dpo_fast_ckpt",
-         "dropin", "dropin_packed")
+         "dropin", "dropin_packed", "dropin_cache")
 ONE_OFF = ("dpo_fast_precompute", "forward")
 TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkpointing=True),
              "trl_precompute": dict(precompute_ref_log_probs=True, gradient_checkpointing=True),
@@ -78,7 +78,10 @@ TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkp
              "dropin": dict(precompute_ref_log_probs=False, gradient_checkpointing=True,
                             dropin=True),
              "dropin_packed": dict(precompute_ref_log_probs=False, gradient_checkpointing=True,
-                                   dropin=True, padding_free=True)}
+                                   dropin=True, padding_free=True),
+             # + precompute_ref_log_probs into dpo_fast's cache: run twice (fill, then reuse)
+             "dropin_cache": dict(precompute_ref_log_probs=True, gradient_checkpointing=True,
+                                  dropin=True, padding_free=True)}
 LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
           "trl_precompute": "TRL precompute_ref_log_probs",
           "trl_no_ckpt": "TRL live ref, no grad ckpt",
@@ -86,7 +89,8 @@ LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
           "dpo_fast": "dpo_fast",
           "dpo_fast_ckpt": "dpo_fast + grad ckpt",
           "dropin": "dpo_fast.trl drop-in (TRL defaults)",
-          "dropin_packed": "dpo_fast.trl drop-in + padding_free"}
+          "dropin_packed": "dpo_fast.trl drop-in + padding_free",
+          "dropin_cache": "drop-in + padding_free + precompute (cache, 2nd run)"}
 VARIANTS = {"short": dict(max_length=128), "long": dict(max_length=512)}
 #: Architectures for the GPU mode (random weights; shapes of the named public models).
 ARCHS = {
@@ -294,8 +298,10 @@ def _device_peak(args) -> Optional[float]:
 
 def worker_trl(args, model_dir: str) -> Dict[str, Any]:
     order = _visit(args, model_dir)
+    extra = {"ref_cache_dir": str(Path(args.workdir) / f"dropin_cache_{args.variant}")} \
+        if args.case == "dropin_cache" else {}
     rec = trl_parity.run_trl(model_dir, order.rows, **_settings(args), device=args.device,
-                             precision=args.precision, **TRL_CASES[args.case])
+                             precision=args.precision, **TRL_CASES[args.case], **extra)
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
                    "times": [s["time_s"] for s in rec["steps"]],
                    "tokens": [s["tokens"] for s in rec["steps"]],
@@ -453,7 +459,7 @@ def worker_forward(args, model_dir: str) -> Dict[str, Any]:
 WORKERS = {"trl_default": worker_trl, "trl_precompute": worker_trl, "trl_no_ckpt": worker_trl,
            "plain": worker_plain, "dpo_fast": worker_dpo_fast, "dpo_fast_ckpt": worker_dpo_fast,
            "dpo_fast_precompute": worker_dpo_fast_precompute, "forward": worker_forward,
-           "dropin": worker_trl, "dropin_packed": worker_trl}
+           "dropin": worker_trl, "dropin_packed": worker_trl, "dropin_cache": worker_trl}
 
 
 # ---------------------------------------------------------------------------- report
@@ -510,6 +516,13 @@ def report(variant: str, args, res: Dict[str, Any], peak_gflops: float) -> str:
     if "dpo_fast" in res:
         one_off.append(["dpo_fast precompute, second run (reuses the cache)",
                         harness.fmt(res["dpo_fast"]["precompute_s"], ".2f"), "—", "—"])
+    dc = res.get("dropin_cache")
+    if dc:
+        one_off.append(["drop-in precompute_ref_log_probs, first run (fills dpo_fast's cache)",
+                        harness.fmt(dc["precompute_first_s"], ".1f"),
+                        harness.fmt(tok / dc["precompute_first_s"], ".0f"), "—"])
+        one_off.append(["drop-in precompute_ref_log_probs, second run (reuses the cache)",
+                        harness.fmt(dc["precompute_s"], ".2f"), "—", "—"])
     if trl_pre:
         one_off.append([f"TRL precompute_ref_log_probs (+ {trl_pre['ref_hash_s']:.1f} s "
                         "hashing the reference state_dict, every start-up)",
@@ -558,6 +571,15 @@ def _targets(res: Dict[str, Any], args) -> List[str]:
         out.append(f"{LABELS['dropin_packed']} vs TRL default: {r:.2f}x tokens/s (target >= 2x: "
                    f"{'met' if r >= 2 else 'NOT met'}), {m:.2f}x peak memory (target <= 0.85x: "
                    f"{'met' if m <= 0.85 else 'NOT met'})")
+    dc = s.get("dropin_cache")
+    if dc and t:
+        r, m = dc["tokens_per_s"] / t["tokens_per_s"], dc[mem] / t[mem]
+        out.append(f"{LABELS['dropin_cache']} vs TRL default: {r:.2f}x tokens/s, {m:.2f}x peak "
+                   "memory")
+    if res.get("dropin_cache"):
+        x = res["dropin_cache"]["precompute_s"]
+        out.append(f"drop-in second run's reference pass: {x:.2f} s (target <= 1 s: "
+                   f"{'met' if x <= 1.0 else 'NOT met'})")
     if d and f:
         r = d["tokens_per_s"] / f["tokens_per_s"]
         out.append(f"{LABELS['dropin_packed']} vs dpo-fast train: {r:.2f}x tokens/s (target >= "
@@ -675,10 +697,19 @@ def main() -> None:
         order = [c for c in ("dpo_fast_precompute",) + CASES + ("forward",) if c in args.cases]
         for case in order:
             t0 = time.perf_counter()
+            first = None
+            if case == "dropin_cache":  # a first run fills the cache; the second is measured
+                shutil.rmtree(work / f"dropin_cache_{variant}", ignore_errors=True)
+                first = harness.run_worker(Path(__file__), [*common, "--case", case],
+                                           timeout=7200, live_rss=False)
+                if "error" in first:
+                    raise SystemExit(f"{variant}/{case} (first run) failed: {first['error']}")
             r = harness.run_worker(Path(__file__), [*common, "--case", case], timeout=7200,
                                    live_rss=False)
             if "error" in r:
                 raise SystemExit(f"{variant}/{case} failed: {r['error']}")
+            if first is not None:
+                r["precompute_first_s"] = first["precompute_s"]
             res[case] = r
             print(f"{variant}/{case}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         import transformers

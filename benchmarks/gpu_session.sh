@@ -11,6 +11,8 @@
 #                                                   long (bench_long.py: 2k / 8k / 32k-token
 #                                                   pairs, segments vs dense mask vs no
 #                                                   sharing vs TRL, bf16, llama-1b, MFU)
+#                                                   dropin (bench_train.py: TRL vs the
+#                                                   dpo_fast.trl drop-in, bf16, llama-1b)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -47,6 +49,11 @@ for s in $stages; do
              --precision bf16 --arch "${ARCH:-llama-1b}" --synthetic "${SEQ:-2048}" \
              --prompt-share 0.5 --steps "${STEPS:-8}" --warmup 3 --batch-size 4 --threads 8 \
              --name "train_cuda_${ARCH:-llama-1b}" --workdir /tmp/bench_train ;;
+    dropin) run dropin "${T_DROPIN:-300}" python3 benchmarks/bench_train.py --device cuda \
+             --precision bf16 --arch "${ARCH:-llama-1b}" --synthetic "${SEQ:-2048}" \
+             --prompt-share 0.5 --steps "${STEPS:-8}" --warmup 3 --batch-size 4 --threads 8 \
+             --cases trl_default trl_precompute dropin dropin_packed dpo_fast \
+             --name "dropin_cuda_${ARCH:-llama-1b}" --workdir /tmp/bench_dropin ;;
     fit) run fit "${T_FIT:-150}" python3 benchmarks/bench_train.py --device cuda \
            --precision bf16 --arch "${ARCH:-llama-1b}" --max-fit 8192 16384 32768 65536 \
            --threads 8 --name "train_cuda_${ARCH:-llama-1b}_maxfit" --workdir /tmp/bench_train ;;

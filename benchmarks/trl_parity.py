@@ -211,12 +211,13 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
             output_dir: Optional[str] = None, device: str = "cpu",
             precision: str = "fp32", dropin: bool = False,
-            padding_free: bool = False) -> Dict[str, Any]:
+            padding_free: bool = False, ref_cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """Runs TRL's ``DPOTrainer`` for ``steps`` steps over ``rows_in_order`` without shuffling.
 
     ``dropin``: the same run through ``dpo_fast.trl``'s ``DPOTrainer`` / ``DPOConfig`` (the
     one-line change of a TRL script); ``padding_free``: TRL's ``padding_free`` argument (TRL
-    1.16 switches it off, the drop-in packs).
+    1.16 switches it off, the drop-in packs); ``ref_cache_dir``: the drop-in's
+    ``DPOConfig.ref_cache_dir`` (its ``precompute_ref_log_probs`` cache).
 
     ``device`` "cpu" (``use_cpu=True``) or "cuda"; ``precision`` "fp32" (``bf16=False``) or
     "bf16" (TRL's ``bf16=True``: autocast over fp32 weights, its default on a GPU). On CUDA the
@@ -332,6 +333,7 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             learning_rate=lr, beta=beta, loss_type=[loss_type], max_length=max_length,
             seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
             padding_free=padding_free,
+            **({"ref_cache_dir": ref_cache_dir} if ref_cache_dir else {}),
             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             dataloader_num_workers=0, **{ckpt: gradient_checkpointing})
         hash_module = dpo_mod.hash_module
