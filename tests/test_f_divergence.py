@@ -111,3 +111,31 @@ def test_refusals_name_the_argument():
     cfg = TrainConfig(model="m", train_data=[], loss_type="ipo",
                       f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
     assert cfg.validate().loss_kwargs()["f_alpha_divergence_coef"] == 0.3
+
+
+@pytest.mark.parametrize("scratch", [None, "auto"])
+def test_fused_loss_passes_the_divergence_through(scratch):
+    """fused_preference_loss (memory-flat path and the CPU scratch engine, which forms the
+    gradient inside the forward) equals preference_loss on the same sequence log-probs."""
+    from dpo_fast import fused_preference_loss, sequence_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v, b = 40, 16, 64, 3
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * 0.3
+    t = torch.randint(0, v, (n,), generator=g)
+    seq = torch.arange(n) % (2 * b)
+    ref = -torch.rand(2 * b, generator=g) * 20
+    kw = dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+    hh = h.clone().requires_grad_()
+    out = fused_preference_loss(hh, w, t, seq, ref, loss_type="sigmoid", beta=BETA,
+                                max_scratch_bytes=scratch, **kw)
+    out.loss.backward()
+    h2 = h.clone().requires_grad_()
+    s = sequence_logprobs(h2, w, t, seq, 2 * b).logps
+    want = preference_loss(s[:b], s[b:], ref[:b], ref[b:], beta=BETA, **kw).loss
+    want.backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    plain = fused_preference_loss(h, w, t, seq, ref, loss_type="sigmoid", beta=BETA).loss
+    assert abs(plain.item() - want.item()) > 1e-4

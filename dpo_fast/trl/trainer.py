@@ -6,19 +6,21 @@ What changes against ``trl.DPOTrainer``: the policy's per-sequence log-probs com
 Triton kernels), and the loss is dpo_fast's :func:`dpo_fast.preference_loss` on them, with
 TRL 1.16's conventions where the two differ (``sigmoid`` ignores ``label_smoothing``, ``sft``
 is the token-weighted mean over the batch, ``ipo`` / ``sigmoid_norm`` clamp the completion
-length to >= 1). Everything else is TRL's: the data preparation and collator, the reference
-log-probs (live, or ``precompute_ref_log_probs``), PEFT, gradient checkpointing, logging and
-checkpoints. The metrics have TRL's names and values (``rewards/*``, ``logps/*``,
-``logits/*``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``).
+length to >= 1). ``precompute_ref_log_probs=True`` fills dpo_fast's on-disk reference cache
+(``DPOConfig.ref_cache_dir``) instead of TRL's per-run arrow file. Everything else is TRL's:
+the data preparation, the collator (unless ``padding_free``), the live reference pass, PEFT,
+gradient checkpointing, logging and checkpoints. The metrics have TRL's names and values
+(``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy``,
+``num_tokens``).
 
 The model is called through whatever wraps it (DDP / FSDP / accelerate, under the trainer's
 autocast): the head runs inside the wrapped model's forward, so gradient synchronisation
 sees every parameter it uses.
 
 ``f_divergence_type`` (f-DPO) is dpo_fast's too (``preference_loss``), and ``ld_alpha``
-(LD-DPO) splits each sequence's positions at the pair's shared length inside the fused op. Settings the fast path
-does not cover run TRL's own loss unchanged (same results at TRL's speed), named in one warning
-at start: ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
+(LD-DPO) splits each sequence's positions at the pair's shared length inside the fused op.
+Settings the fast path does not cover run TRL's own loss unchanged (same results at TRL's
+speed), named in one warning at start: ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
 logits TRL scales or soft-caps (``final_logit_softcapping``, ``logit_scale`` and kin: TRL's
 ``logits/*`` metrics average every logit).
 
