@@ -16,58 +16,17 @@ samples every half millisecond during the step.
 from __future__ import annotations
 
 import json
-import re
-import resource
 import sys
+from pathlib import Path
 
 import torch
 
-
-def disable_thp() -> None:
-    """Transparent huge pages make RSS jump in 2 MiB steps (seen here: +-8 MiB between
-    identical runs); switch them off for this process so RSS counts 4 KiB pages."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
-
-
-def reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-class Sampler:
-    """Largest RSS seen by a daemon thread reading /proc/self/statm every ``period_s``."""
-
-    def __init__(self, period_s: float = 0.0005):
-        import os
-        import threading
-        import time
-
-        fd, page = os.open("/proc/self/statm", os.O_RDONLY), resource.getpagesize()
-        self.read = lambda: int(os.pread(fd, 128, 0).split()[1]) * page
-        self.peak = self.read()
-
-        def loop():
-            while True:
-                self.peak = max(self.peak, self.read())
-                time.sleep(period_s)
-
-        threading.Thread(target=loop, daemon=True).start()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import harness  # noqa: E402  (the benchmarks' memory readers: one implementation)
 
 
 def main() -> None:
-    disable_thp()
+    harness.disable_thp()
     impl, n, d, v = sys.argv[1], *map(int, sys.argv[2:5])
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -89,16 +48,15 @@ def main() -> None:
     hidden = torch.randn(n, d).requires_grad_()
     weight = (torch.randn(v, d) * 0.05).requires_grad_()
     targets = torch.randint(0, v, (n,))
-    sampler = Sampler()
+    harness.start_rss_sampler(period_s=0.0005)
     run(hidden, weight, targets)  # warm-up; leaves .grad resident, as in a training loop
     hidden.grad.fill_(1.0)  # touch every page: gradient-sized buffers stay resident
     weight.grad.fill_(1.0)
-    base = rss_bytes()
+    base = harness.rss_bytes()
     hidden.grad, weight.grad = None, None  # freed; the step allocates its own
-    reset_hwm()
-    sampler.peak = sampler.read()
+    harness.reset_hwm()  # VmHWM and the sampler's peak
     run(hidden, weight, targets)
-    peak = max(hwm_bytes(), sampler.peak)
+    peak = harness.hwm_bytes()  # the higher of the two
     print(json.dumps({"impl": impl, "n": n, "d": d, "v": v, "extra_bytes": peak - base,
                       "logits_bytes": n * v * 4}))
 

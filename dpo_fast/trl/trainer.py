@@ -219,7 +219,7 @@ def _head_fn(select, num_seqs: int, ld_alpha: Optional[float] = None):
             out = split._replace(logps=shared + ld_alpha * tail,
                                  lengths=split.lengths[:num_seqs] + split.lengths[num_seqs:])
         with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b)
-            mean_logits = hs.float() @ weight.float().mean(0)
+            mean_logits = hs.float() @ weight.mean(0, dtype=torch.float32)  # no fp32 head copy
             if bias is not None:
                 mean_logits = mean_logits + bias.float().mean()
         return _HeadResult(out, seq_index, mean_logits, plain)
@@ -318,8 +318,7 @@ class DPOTrainer(_TRLDPOTrainer):
 
     def _policy_body_model(self):
         """The transformers model under a PEFT wrapper (TRL patches the same one)."""
-        peft = hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
-        return self.model.get_base_model() if peft else self.model
+        return self.model.get_base_model() if is_peft(self.model) else self.model
 
     def _setup_packing(self) -> None:
         """Picks the packed attention for the policy (and the reference model), checked
@@ -415,7 +414,7 @@ class DPOTrainer(_TRLDPOTrainer):
         if model is None:
             model = self.model
             unwrapped = self.accelerator.unwrap_model(self.model)
-            if hasattr(unwrapped, "peft_config"):
+            if is_peft(unwrapped):
                 adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in
                                       unwrapped.peft_config else None)
         with torch.no_grad(), adapter, self.accelerator.autocast(), \
