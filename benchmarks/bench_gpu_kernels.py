@@ -112,7 +112,7 @@ def breakdown(name, n, d, v, dtype):
 def sweep(name, n, d, v, dtype, budget_s=60.0):
     """Times a grid of configs per kernel; returns {kernel: [(time, cfg), ...] best first}."""
     h, w, t, g = inputs(n, d, v, dtype)
-    _, rmax, _, logs = lt.logprobs_forward(h, w, None, t, with_entropy=False, **OPTS)
+    _, rmax, _, logs, _ = lt.logprobs_forward(h, w, None, t, with_entropy=False, **OPTS)
     key = "fp32" if dtype == torch.float32 else "half"
     grid = [dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=nw, num_stages=ns)
             for bn, bv, bd, nw, ns in itertools.product(
@@ -171,7 +171,7 @@ def row_sweep(shapes, dtype, env_out=None):
     for s in shapes:
         n, d, v = SHAPES[s]
         h, w, t, g = inputs(n, d, v, dtype)
-        _, rm, _, ls = ch.logprobs_forward(h, w, None, t, with_entropy=False, **OPTS)
+        _, rm, _, ls, _ = ch.logprobs_forward(h, w, None, t, with_entropy=False, **OPTS)
         for cfg in ROW_CANDIDATES:
             val = ",".join(map(str, cfg))
             os.environ["DPO_FAST_ROW_CONFIG_FWD"] = os.environ["DPO_FAST_ROW_CONFIG_BWD"] = val

@@ -69,7 +69,7 @@ import harness
 import trl_parity
 
 CASES = ("trl_default", "trl_precompute", "trl_no_ckpt", "plain", "dpo_fast", "dpo_fast_ckpt",
-         "dropin", "dropin_packed", "dropin_cache")
+         "dropin", "dropin_packed", "dropin_cache", "dropin_matched")
 ONE_OFF = ("dpo_fast_precompute", "forward")
 TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkpointing=True),
              "trl_precompute": dict(precompute_ref_log_probs=True, gradient_checkpointing=True),
@@ -81,7 +81,14 @@ TRL_CASES = {"trl_default": dict(precompute_ref_log_probs=False, gradient_checkp
                                    dropin=True, padding_free=True),
              # + precompute_ref_log_probs into dpo_fast's cache: run twice (fill, then reuse)
              "dropin_cache": dict(precompute_ref_log_probs=True, gradient_checkpointing=True,
-                                  dropin=True, padding_free=True)}
+                                  dropin=True, padding_free=True),
+             # the drop-in with dpo-fast train's settings (cache, no gradient checkpointing):
+             # the like-for-like comparison of the two front ends
+             "dropin_matched": dict(precompute_ref_log_probs=True, gradient_checkpointing=False,
+                                    dropin=True, padding_free=True)}
+#: Drop-in cases whose reference comes from dpo_fast's cache: a first run fills it, the second
+#: is measured.
+CACHE_CASES = ("dropin_cache", "dropin_matched")
 LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
           "trl_precompute": "TRL precompute_ref_log_probs",
           "trl_no_ckpt": "TRL live ref, no grad ckpt",
@@ -90,7 +97,9 @@ LABELS = {"trl_default": "TRL default (live ref, grad ckpt)",
           "dpo_fast_ckpt": "dpo_fast + grad ckpt",
           "dropin": "dpo_fast.trl drop-in (TRL defaults)",
           "dropin_packed": "dpo_fast.trl drop-in + padding_free",
-          "dropin_cache": "drop-in + padding_free + precompute (cache, 2nd run)"}
+          "dropin_cache": "drop-in + padding_free + precompute (cache, 2nd run)",
+          "dropin_matched": "drop-in + padding_free + cache, no grad ckpt (dpo-fast train's "
+                            "settings)"}
 VARIANTS = {"short": dict(max_length=128), "long": dict(max_length=512)}
 #: Architectures for the GPU mode (random weights; shapes of the named public models).
 ARCHS = {
@@ -298,8 +307,8 @@ def _device_peak(args) -> Optional[float]:
 
 def worker_trl(args, model_dir: str) -> Dict[str, Any]:
     order = _visit(args, model_dir)
-    extra = {"ref_cache_dir": str(Path(args.workdir) / f"dropin_cache_{args.variant}")} \
-        if args.case == "dropin_cache" else {}
+    extra = {"ref_cache_dir": str(Path(args.workdir) / f"{args.case}_{args.variant}")} \
+        if args.case in CACHE_CASES else {}
     rec = trl_parity.run_trl(model_dir, order.rows, **_settings(args), device=args.device,
                              precision=args.precision, **TRL_CASES[args.case], **extra)
     return _peaks({"losses": [s["loss"] for s in rec["steps"]],
@@ -459,7 +468,8 @@ def worker_forward(args, model_dir: str) -> Dict[str, Any]:
 WORKERS = {"trl_default": worker_trl, "trl_precompute": worker_trl, "trl_no_ckpt": worker_trl,
            "plain": worker_plain, "dpo_fast": worker_dpo_fast, "dpo_fast_ckpt": worker_dpo_fast,
            "dpo_fast_precompute": worker_dpo_fast_precompute, "forward": worker_forward,
-           "dropin": worker_trl, "dropin_packed": worker_trl, "dropin_cache": worker_trl}
+           "dropin": worker_trl, "dropin_packed": worker_trl, "dropin_cache": worker_trl,
+           "dropin_matched": worker_trl}
 
 
 # ---------------------------------------------------------------------------- report
@@ -584,6 +594,15 @@ def _targets(res: Dict[str, Any], args) -> List[str]:
         r = d["tokens_per_s"] / f["tokens_per_s"]
         out.append(f"{LABELS['dropin_packed']} vs dpo-fast train: {r:.2f}x tokens/s (target >= "
                    f"0.8x: {'met' if r >= 0.8 else 'NOT met'})")
+    dm = s.get("dropin_matched")
+    if dm and f:
+        r, m = dm["tokens_per_s"] / f["tokens_per_s"], dm[mem] / f[mem]
+        out.append(f"{LABELS['dropin_matched']} vs dpo-fast train: {r:.2f}x tokens/s, {m:.2f}x "
+                   "peak memory")
+    if dm and t:
+        r, m = dm["tokens_per_s"] / t["tokens_per_s"], dm[mem] / t[mem]
+        out.append(f"{LABELS['dropin_matched']} vs TRL default: {r:.2f}x tokens/s, {m:.2f}x peak "
+                   "memory")
     pr, fw = res.get("dpo_fast_precompute"), res.get("forward")
     if pr and fw:
         r = fw["seconds"] / pr["precompute_s"]
@@ -698,8 +717,8 @@ def main() -> None:
         for case in order:
             t0 = time.perf_counter()
             first = None
-            if case == "dropin_cache":  # a first run fills the cache; the second is measured
-                shutil.rmtree(work / f"dropin_cache_{variant}", ignore_errors=True)
+            if case in CACHE_CASES:  # a first run fills the cache; the second is measured
+                shutil.rmtree(work / f"{case}_{variant}", ignore_errors=True)
                 first = harness.run_worker(Path(__file__), [*common, "--case", case],
                                            timeout=7200, live_rss=False)
                 if "error" in first:

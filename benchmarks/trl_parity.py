@@ -73,13 +73,19 @@ COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 #: diagnostic). TRL's ``mean_token_accuracy`` is over chosen tokens only, dpo_fast's over
 #: chosen + rejected, so it is not compared.
 INFO = ("grad_norm", "learning_rate", "entropy")
-#: The configurations of the comparison: name -> loss_type and TRL's reference handling.
+#: The configurations of the comparison: name -> loss_type, TRL's reference handling and the
+#: modifiers both trainers take by TRL's names (``ld_alpha``: LD-DPO, ``use_weighting``: WPO).
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "sigmoid": {"loss_type": "sigmoid", "precompute_ref_log_probs": False},
     "sigmoid_precompute": {"loss_type": "sigmoid", "precompute_ref_log_probs": True},
     "ipo": {"loss_type": "ipo", "precompute_ref_log_probs": False},
     "hinge": {"loss_type": "hinge", "precompute_ref_log_probs": False},
+    "sigmoid_ld": {"loss_type": "sigmoid", "precompute_ref_log_probs": False, "ld_alpha": 0.5},
+    "sigmoid_wpo": {"loss_type": "sigmoid", "precompute_ref_log_probs": False,
+                    "use_weighting": True},
 }
+#: The keys of a config that are TRL's reference handling only (dpo_fast always caches).
+_TRL_ONLY = ("precompute_ref_log_probs",)
 #: The per-step loss when policy == reference (LOSSES.md known answers, beta = 0.1).
 INITIAL_LOSS = {"sigmoid": math.log(2.0), "hinge": 1.0, "ipo": 25.0}
 DEFAULTS = dict(steps=20, batch_size=4, lr=5e-5, beta=0.1, max_length=128, seed=42)
@@ -211,13 +217,15 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
             output_dir: Optional[str] = None, device: str = "cpu",
             precision: str = "fp32", dropin: bool = False,
-            padding_free: bool = False, ref_cache_dir: Optional[str] = None) -> Dict[str, Any]:
+            padding_free: bool = False, ref_cache_dir: Optional[str] = None,
+            ld_alpha: Optional[float] = None, use_weighting: bool = False) -> Dict[str, Any]:
     """Runs TRL's ``DPOTrainer`` for ``steps`` steps over ``rows_in_order`` without shuffling.
 
     ``dropin``: the same run through ``dpo_fast.trl``'s ``DPOTrainer`` / ``DPOConfig`` (the
     one-line change of a TRL script); ``padding_free``: TRL's ``padding_free`` argument (TRL
     1.16 switches it off, the drop-in packs); ``ref_cache_dir``: the drop-in's
-    ``DPOConfig.ref_cache_dir`` (its ``precompute_ref_log_probs`` cache).
+    ``DPOConfig.ref_cache_dir`` (its ``precompute_ref_log_probs`` cache); ``ld_alpha`` /
+    ``use_weighting``: TRL's LD-DPO / WPO arguments.
 
     ``device`` "cpu" (``use_cpu=True``) or "cuda"; ``precision`` "fp32" (``bf16=False``) or
     "bf16" (TRL's ``bf16=True``: autocast over fp32 weights, its default on a GPU). On CUDA the
@@ -332,7 +340,7 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
             learning_rate=lr, beta=beta, loss_type=[loss_type], max_length=max_length,
             seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
-            padding_free=padding_free,
+            padding_free=padding_free, ld_alpha=ld_alpha, use_weighting=use_weighting,
             **({"ref_cache_dir": ref_cache_dir} if ref_cache_dir else {}),
             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             dataloader_num_workers=0, **{ckpt: gradient_checkpointing})
@@ -658,15 +666,26 @@ def run_comparison(model_dir: str, rows: Sequence[Dict[str, Any]],
                 f"{out['loadavg_1min_after']:.1f}")
             return out
 
-        fast_runs = {lt: run("dpo_fast", loss_type=lt)
-                     for lt in dict.fromkeys(CONFIGS[c]["loss_type"] for c in configs)}
+        fast_runs: Dict[str, Dict[str, Any]] = {}
+        for c in configs:  # one dpo_fast run per setting it sees (reference handling aside)
+            key = _fast_key(c)
+            if key not in fast_runs:
+                fast_runs[key] = run("dpo_fast", **{k: v for k, v in CONFIGS[c].items()
+                                                     if k not in _TRL_ONLY})
         results: Dict[str, Any] = {"order": order.to_dict()}
         for name in configs:
             cfg = CONFIGS[name]
             t = run("trl", **cfg)
-            f = fast_runs[cfg["loss_type"]]
+            f = fast_runs[_fast_key(name)]
             results[name] = {"trl": t, "dpo_fast": f, "comparison": compare(t, f, order=order)}
     return results
+
+
+def _fast_key(name: str) -> str:
+    """The dpo_fast run a config compares with: its settings other than TRL's reference
+    handling."""
+    return json.dumps({k: v for k, v in CONFIGS[name].items() if k not in _TRL_ONLY},
+                      sort_keys=True)
 
 
 def _worker(args) -> None:
@@ -678,6 +697,10 @@ def _worker(args) -> None:
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
               loss_type=args.loss_type, max_length=args.max_length, seed=args.seed,
               gradient_checkpointing=args.gradient_checkpointing)
+    if args.ld_alpha is not None:
+        kw["ld_alpha"] = args.ld_alpha
+    if args.use_weighting:
+        kw["use_weighting"] = True
     if args.trainer == "trl":
         out = run_trl(args.model_dir, data["ordered"],
                       precompute_ref_log_probs=args.precompute_ref_log_probs, **kw)
@@ -769,6 +792,8 @@ def main() -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--loss-type", help=argparse.SUPPRESS)
     p.add_argument("--precompute-ref-log-probs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ld-alpha", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--use-weighting", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data-cache-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

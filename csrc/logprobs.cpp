@@ -11,6 +11,8 @@
 //   forward : per row and group an online (max, sum e, sum e*(z-max)) state, merged at the end;
 //             the row max m and log_s = log(sum exp(z - m)) are returned (lse = m + log_s is
 //             formed by the caller; keeping the two parts exact is what the backward needs).
+//             With with_sum_sq the state also holds q = sum e^2 (rescaled by a^2 when the max
+//             moves) and log sum p^2 = log q - 2 log_s is returned (forward only).
 //   backward: dW tiles belong to one group (written in place, K = T per chunk); dh is summed
 //             over groups from per-group [TB, D] partials in a fixed order.
 // Every reduction order depends only on the shapes and the group count (the thread count
@@ -223,10 +225,11 @@ StorePlan plan_store(const std::optional<at::Tensor>& store, const VocabPlan& vp
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets_in, int64_t ignore_index, std::optional<double> softcap,
-    double inv_temperature, bool with_entropy, const std::optional<at::Tensor>& store) {
+    double inv_temperature, bool with_entropy, bool with_sum_sq,
+    const std::optional<at::Tensor>& store) {
   check_inputs(hidden_in, weight_in, bias, targets_in);
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
@@ -237,11 +240,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
   at::Tensor row_max = at::zeros({n}, f32);
   at::Tensor ent = at::zeros({with_entropy ? n : 0}, f32);
   at::Tensor log_sum = at::zeros({n}, f32);
+  at::Tensor log_sum_sq = at::zeros({with_sum_sq ? n : 0}, f32);
 
   const std::vector<int64_t> rows =
       select_rows(targets, ignore_index, vocab, [](int64_t) { return true; });
   const int64_t nv = int64_t(rows.size());
-  if (nv == 0 || vocab == 0) return {logp, row_max, ent, log_sum};
+  if (nv == 0 || vocab == 0) return {logp, row_max, ent, log_sum, log_sum_sq};
 
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_p = bias ? bias32.const_data_ptr<float>() : nullptr;
@@ -258,8 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
   at::Tensor hbuf = at::empty({direct ? 0 : tb * d}, f32);
   at::Tensor zbuf = at::empty({groups * chunk * vp.vc}, f32);
   at::Tensor wbuf = at::empty({w_f32 ? 0 : groups * vp.vc * d}, f32);
-  // Per group and row: running max, sum exp(z - max), sum exp(z - max) * (z - max).
-  at::Tensor state = at::empty({3 * groups * tb}, f32);
+  // Per group and row: running max, sum exp(z - max), sum exp(z - max) * (z - max), and with
+  // with_sum_sq sum exp(2 (z - max)).
+  const int nstate = with_sum_sq ? 4 : 3;
+  at::Tensor state = at::empty({nstate * groups * tb}, f32);
   at::Tensor ztgt = at::empty({tb}, f32);
   const StorePlan sp = plan_store(store, vp, nv);
 
@@ -267,16 +273,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
   float* max_p = row_max.data_ptr<float>();
   float* ent_p = with_entropy ? ent.data_ptr<float>() : nullptr;
   float* logs_p = log_sum.data_ptr<float>();
+  float* lsq_p = with_sum_sq ? log_sum_sq.data_ptr<float>() : nullptr;
   float* st_m = state.data_ptr<float>();
   float* st_s = st_m + groups * tb;
   float* st_u = st_s + groups * tb;
+  float* st_q = with_sum_sq ? st_u + groups * tb : nullptr;
   float* zt = ztgt.data_ptr<float>();
 
   for (int64_t b0 = 0; b0 < nv; b0 += tb) {
     const int64_t nb = std::min(tb, nv - b0);
     const float* hb = direct ? hidden.const_data_ptr<float>() + b0 * d : hbuf.data_ptr<float>();
     std::fill(st_m, st_m + groups * tb, kNegInf);
-    std::fill(st_s, st_s + 2 * groups * tb, 0.0f);
+    std::fill(st_s, st_s + (nstate - 1) * groups * tb, 0.0f);
 #pragma omp parallel num_threads(team_size(groups))
     {
       at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -287,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
         float* m_g = st_m + int64_t(g) * tb;
         float* s_g = st_s + int64_t(g) * tb;
         float* u_g = st_u + int64_t(g) * tb;
+        float* q_g = with_sum_sq ? st_q + int64_t(g) * tb : nullptr;
         for (int64_t j = vp.tile_begin(g); j < vp.tile_end(g); ++j) {
           const int64_t v0 = j * vp.vc, w = std::min(vp.vc, vocab - v0);
           const float* wt;
@@ -312,16 +321,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
               if (tl >= 0 && tl < w) zt[i] = zr[tl];
               const float m_old = m_g[i];
               const float m_new = std::max(m_old, tile_max);
-              float s_t, u_t;
-              exp_sums(zr, w, m_new, with_entropy, &s_t, &u_t);
+              float s_t, u_t, q_t = 0.0f;
+              if (q_g != nullptr) {
+                exp_sums_sq(zr, w, m_new, with_entropy, &s_t, &u_t, &q_t);
+              } else {
+                exp_sums(zr, w, m_new, with_entropy, &s_t, &u_t);
+              }
               if (m_old == kNegInf) {
                 s_g[i] = s_t;
                 u_g[i] = u_t;
+                if (q_g != nullptr) q_g[i] = q_t;
               } else {
                 // Re-reference the running sums from m_old to m_new.
                 const float a = std::exp(m_old - m_new);
                 u_g[i] = a * (u_g[i] + (m_old - m_new) * s_g[i]) + u_t;
                 s_g[i] = a * s_g[i] + s_t;
+                if (q_g != nullptr) q_g[i] = (a * a) * q_g[i] + q_t;  // exp(2 (m_old - m_new))
               }
               m_g[i] = m_new;
             }
@@ -334,13 +349,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
         float big = kNegInf;
         for (int g = 0; g < groups; ++g)
           if (st_s[int64_t(g) * tb + i] > 0.0f) big = std::max(big, st_m[int64_t(g) * tb + i]);
-        float s = 0.0f, u = 0.0f;
+        float s = 0.0f, u = 0.0f, q = 0.0f;
         for (int g = 0; g < groups; ++g) {
           const int64_t k = int64_t(g) * tb + i;
           if (!(st_s[k] > 0.0f)) continue;
           const float a = std::exp(st_m[k] - big);
           s += a * st_s[k];
           u += a * (st_u[k] + (st_m[k] - big) * st_s[k]);
+          if (st_q != nullptr) q += (a * a) * st_q[k];
         }
         const float log_s = std::log(s);
         const int64_t row = rows[b0 + i];
@@ -348,10 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_core(
         logs_p[row] = log_s;
         logp_p[row] = (zt[i] - big) - log_s;
         if (ent_p) ent_p[row] = log_s - u / s;  // H = lse - E[z], referenced to the max
+        // log sum p^2 = log sum exp(2 (z - m)) - 2 log_s; q >= 1 (the max term), no underflow.
+        if (lsq_p) lsq_p[row] = std::log(q) - 2.0f * log_s;
       }
     }
   }
-  return {logp, row_max, ent, log_sum};
+  return {logp, row_max, ent, log_sum, log_sum_sq};
 }
 
 // Accumulate mode (`acc`, the chunk op): dh_out [N, D] fp32 gets the valid rows written,
@@ -574,12 +592,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_core(
   return {dh, dw, finish_db()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t ignore_index, std::optional<double> softcap,
-    double inv_temperature, bool with_entropy) {
+    double inv_temperature, bool with_entropy, bool with_sum_sq) {
   return fwd_core(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature,
-                  with_entropy, std::nullopt);
+                  with_entropy, with_sum_sq, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_bwd(
@@ -601,8 +619,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t ignore_index, std::optional<double> softcap,
     double inv_temperature, at::Tensor store) {
-  return fwd_core(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, true,
-                  store);
+  auto out = fwd_core(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature, true,
+                      false, store);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 void chunk_bwd(const at::Tensor& hidden, const at::Tensor& weight,
@@ -646,7 +665,8 @@ int64_t set_vocab_groups(int64_t groups) {
 TORCH_LIBRARY(dpo_fast_cpu, m) {
   m.def(
       "logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
-      "float? softcap, float inv_temperature, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float? softcap, float inv_temperature, bool with_entropy, bool with_sum_sq=False) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor row_max, "
       "Tensor log_sum, Tensor? entropy, Tensor? grad_logp, Tensor? grad_lse, Tensor? grad_entropy, "

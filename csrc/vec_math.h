@@ -161,6 +161,36 @@ DPO_CLONES void exp_sums(const float* z, int64_t w, float ref, bool want_u, floa
   *u_out = want_u ? hsum(u) : 0.0f;
 }
 
+// As exp_sums, plus q = sum e^2 = sum exp(2 (z - ref)) (for log sum p^2). A separate
+// function, so the forward without log_sum_sq runs exp_sums unchanged.
+DPO_CLONES void exp_sums_sq(const float* z, int64_t w, float ref, bool want_u, float* s_out,
+                            float* u_out, float* q_out) {
+  vf s = vbcast(0.0f), u = vbcast(0.0f), q = vbcast(0.0f);
+  const vf r = vbcast(ref);
+  int64_t i = 0;
+  for (; i + kLanes <= w; i += kLanes) {
+    vf d = vload(z + i) - r;
+    vf e = vexp(d);
+    s += e;
+    q += e * e;
+    if (want_u) u += e * d;
+  }
+  if (i < w) {
+    int64_t n = w - i;
+    vi live = lane_ids() < (int32_t)n;
+    vf d = vload_tail(z + i, n, 0.0f) - r;
+    vf e = vexp(d);
+    e = live ? e : vbcast(0.0f);
+    d = live ? d : vbcast(0.0f);
+    s += e;
+    q += e * e;
+    if (want_u) u += e * d;
+  }
+  *s_out = hsum(s);
+  *u_out = want_u ? hsum(u) : 0.0f;
+  *q_out = hsum(q);
+}
+
 struct RowGrad {
   float row_max, log_sum, ent, coef, g_ent;  // coef = g_logp - g_lse
   bool with_ent;

@@ -14,6 +14,7 @@ from .losses import (
     PreferenceLossOutput,
     dpo_sigmoid_coefficients,
     preference_loss,
+    wpo_weights,
 )
 from .ops.dpo_loss import (
     FusedPreferenceOutput,
@@ -44,6 +45,7 @@ __all__ = [
     "SequenceLogprobs",
     "PreferenceLossOutput",
     "dpo_sigmoid_coefficients",
+    "wpo_weights",
     "LOSS_TYPES",
     "REFERENCE_FREE_TYPES",
     "PreferenceExample",

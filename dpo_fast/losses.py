@@ -361,6 +361,7 @@ def preference_loss(
     unlikelihood_alpha: float = 1.0,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    pair_weights: Optional[Tensor] = None,
 ) -> PreferenceLossOutput:
     """Preference loss on per-pair sequence log-probs (formulas in the module docstring).
 
@@ -393,6 +394,9 @@ def preference_loss(
             replaces the log-ratios; other than ``reverse_kl`` only for the
             :data:`F_DIVERGENCE_TYPES`.
         f_alpha_divergence_coef: alpha of ``alpha_divergence`` (TRL default 0.5).
+        pair_weights: [B] float, constants (detached here) that multiply each pair's total
+            loss, e.g. WPO's :func:`wpo_weights` (TRL's ``use_weighting``). Not with ``aot`` /
+            ``aot_unpaired``, whose entries are sorted values, not pairs (TRL refuses it too).
 
     Returns:
         :class:`PreferenceLossOutput`; tensors are float32 (float64 if any input is float64).
@@ -460,6 +464,13 @@ def preference_loss(
             _check_lengths(name, t, batch, device)
     if chosen_nll is not None:
         _check_vector("chosen_nll", chosen_nll, batch, device)
+    if pair_weights is not None:
+        _check_vector("pair_weights", pair_weights, batch, device)
+        sorted_types = [t for t in types if t in ("aot", "aot_unpaired")]
+        if sorted_types:
+            raise ValueError(f"pair_weights cannot weight loss_type {sorted_types[0]!r}: its "
+                             "entries are sorted over the batch, not pairs (TRL refuses WPO "
+                             "weighting for aot / aot_unpaired too)")
 
     dtype = _compute_dtype(pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_nll)
     v = {"pc": pc.to(dtype), "pr": pr.to(dtype)}
@@ -487,6 +498,8 @@ def preference_loss(
     losses = terms[0] * weights[0] if weights[0] != 1.0 else terms[0]
     for term, w in zip(terms[1:], weights[1:]):
         losses = losses + w * term
+    if pair_weights is not None:
+        losses = losses * pair_weights.detach().to(dtype)
 
     with torch.no_grad():
         if has_ref and (ref_types or not any(t in REFERENCE_FREE_TYPES for t in types)):
@@ -504,3 +517,47 @@ def preference_loss(
         rejected_rewards=rejected_rewards.detach(), margins=margins.detach(),
         accuracies=accuracies,
     )
+
+
+def wpo_weights(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_log_sum_sq: Tensor,
+    rejected_log_sum_sq: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> Tensor:
+    """WPO's pair weights (Zhou et al. 2024, Eq. 2-3; TRL 1.16's ``use_weighting``), without
+    gradient: ``w_w * w_l`` with ``w = exp((sum_t log p(y_t) - sum_t log sum_v p_v^2) / |y|)``,
+    ``|y|`` clamped to >= 1 (TRL's convention; TRL 1.16 applies no upper clamp).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B] the policy's unweighted sequence
+            log-probs (sums over response tokens; not LD-DPO-weighted).
+        chosen_log_sum_sq, rejected_log_sum_sq: [B] sums over the same tokens of
+            ``log sum_v p_v^2`` (``sequence_logprobs(..., with_sum_sq=True).log_sum_sq``).
+        chosen_lengths, rejected_lengths: [B] response token counts.
+
+    Returns:
+        [B] detached positive weights in the dtype of the log-probs (float32 for half
+        inputs). A token whose probability equals its distribution's ``sum_v p_v^2`` (its
+        expected probability under the policy's own sampling) contributes 1; likelier tokens
+        raise the weight above 1, unlikelier ones lower it.
+    """
+    names = ("policy_chosen_logps", "policy_rejected_logps", "chosen_log_sum_sq",
+             "rejected_log_sum_sq")
+    vals = (policy_chosen_logps, policy_rejected_logps, chosen_log_sum_sq, rejected_log_sum_sq)
+    pc = _check_vector(names[0], vals[0], None, None)
+    batch, device = pc.shape[0], pc.device
+    for name, t in zip(names[1:], vals[1:]):
+        _check_vector(name, t, batch, device)
+    for name, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        _check_vector(name, t, batch, device, allow_int=True)
+    dtype = _compute_dtype(*vals)
+    with torch.no_grad():
+        def mean_aligned(lp: Tensor, sq: Tensor, n: Tensor) -> Tensor:
+            return (lp.to(dtype) - sq.to(dtype)) / n.to(dtype).clamp(min=1.0)
+
+        return torch.exp(mean_aligned(policy_chosen_logps, chosen_log_sum_sq, chosen_lengths)
+                         + mean_aligned(policy_rejected_logps, rejected_log_sum_sq,
+                                        rejected_lengths))

@@ -203,7 +203,7 @@ def both_paths(h, w, b, t, seq_index, seq_grad, softcap, grad_entropy=None):
     from dpo_fast.kernels import logprobs_triton as lt  # here: the other cases need no triton
 
     opts = dict(ignore_index=-100, softcap=softcap, inv_temperature=1.0 / 0.7)
-    _, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
+    _, row_max, ent, log_sum, _ = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
     valid = t != -100
     # The [N]-grad reference: seq_grad[seq_index] * valid (ids of ignored rows masked out).
     g_n = seq_grad[seq_index.clamp(0, seq_grad.numel() - 1)] * valid

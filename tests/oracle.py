@@ -37,7 +37,8 @@ def naive_logprobs(
     dtype: torch.dtype = torch.float64,
     grads: Optional[Dict[str, Tensor]] = None,
 ) -> Dict[str, Tensor]:
-    """Full-logits log-probs computed in ``dtype``; returns outputs and, if ``grads``
+    """Full-logits log-probs computed in ``dtype``; returns outputs ("logp", "lse",
+    "entropy", "log_sum_sq" = log sum_v p_v^2, each 0.0 at ignored positions) and, if ``grads``
     (upstream grads keyed "logp", "lse", "entropy", each shaped like targets) is
     given, the input gradients "d_hidden", "d_weight", "d_bias"."""
     h = hidden.detach().to(dtype).requires_grad_()
@@ -50,7 +51,9 @@ def naive_logprobs(
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
     lse = torch.logsumexp(z, dim=-1) * mask
     ent = -(logsm.exp() * logsm).sum(-1) * mask
-    out = {"logp": logp, "lse": lse, "entropy": ent}
+    with torch.no_grad():  # log sum p^2 (WPO's weights): forward only, no graph kept
+        log_sum_sq = torch.logsumexp(2 * logsm, -1) * mask
+    out = {"logp": logp, "lse": lse, "entropy": ent, "log_sum_sq": log_sum_sq}
     if grads:
         total = sum((out[k].to(torch.float64) * g.to(torch.float64)).sum() for k, g in grads.items())
         total.backward()

@@ -45,7 +45,7 @@ def _upstream(n, *, lse, entropy, seed=1):
 def _run(hidden, weight, bias, targets, grads, *, softcap=None, temperature=1.0):
     kw = dict(ignore_index=IGNORE, softcap=softcap, inv_temperature=1.0 / temperature)
     with_ent = "entropy" in grads
-    logp, row_max, ent, log_sum = logprobs_cpu.logprobs_forward(
+    logp, row_max, ent, log_sum, _ = logprobs_cpu.logprobs_forward(
         hidden, weight, bias, targets, with_entropy=with_ent, **kw)
     dh, dw, db = logprobs_cpu.logprobs_backward(
         hidden, weight, bias, targets, row_max, log_sum, ent if with_ent else None,
@@ -272,7 +272,7 @@ def test_need_flags_skip_one_gradient_and_keep_the_other_bitwise():
     h, w, b, t = _make(700, 96, 3000, torch.float32, bias=True, seed=6)
     g = _upstream(700, lse=False, entropy=False)["logp"]
     ops = torch.ops.dpo_fast_cpu
-    _, row_max, _, log_sum = ops.logprobs_fwd(h, w, b, t, IGNORE, 30.0, 1.0, False)
+    _, row_max, _, log_sum, _ = ops.logprobs_fwd(h, w, b, t, IGNORE, 30.0, 1.0, False)
     args = (h, w, b, t, row_max, log_sum, None, g, None, None, IGNORE, 30.0, 1.0)
     full = ops.logprobs_bwd(*args)
     no_dw = ops.logprobs_bwd(*args, need_dw=False)

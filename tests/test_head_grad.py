@@ -52,7 +52,7 @@ def test_blocks_are_the_weight_gradient(impl, softcap, temperature):
     up = torch.randn(t.shape[0], generator=g)
     backend = backend_module(impl)
     inv_t = 1.0 / temperature
-    logp, row_max, _, log_sum = backend.logprobs_forward(
+    logp, row_max, _, log_sum, _ = backend.logprobs_forward(
         h, w, None, t, ignore_index=IGNORE, softcap=softcap, inv_temperature=inv_t,
         with_entropy=False)
     sink = Collect(BOUNDS)
@@ -75,7 +75,7 @@ def test_an_empty_block_is_still_handed_over():
     h, w, t, g = _case(n=9, d=8, v=5)
     up = torch.randn(9, generator=g)
     backend = backend_module("torch")
-    _, row_max, _, log_sum = backend.logprobs_forward(
+    _, row_max, _, log_sum, _ = backend.logprobs_forward(
         h, w, None, t, ignore_index=IGNORE, softcap=None, inv_temperature=1.0,
         with_entropy=False)
     bounds = [(0, 2), (2, 4), (4, 5), (5, 5)]

@@ -21,7 +21,7 @@ def _case(n=77, d=63, v=1003, seed=0):
 
 def _bwd(h, w, b, t, ups, **kw):
     opts = dict(ignore_index=-100, softcap=None, inv_temperature=1.0)
-    logp, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
+    logp, row_max, ent, log_sum, _ = lt.logprobs_forward(h, w, b, t, with_entropy=True, **opts)
     grads = lt.logprobs_backward(h, w, b, t, row_max, log_sum, ent, *ups, **opts, **kw)
     return (logp, row_max + log_sum, ent) + tuple(grads)
 
@@ -113,7 +113,7 @@ def test_seq_grad_only_valid_ids_are_read():
 def test_seq_grad_argument_errors():
     h, w, b, t, si, sg = seq_case([8, 8])
     opts = dict(ignore_index=-100, softcap=None, inv_temperature=1.0)
-    _, row_max, ent, log_sum = lt.logprobs_forward(h, w, b, t, with_entropy=False, **opts)
+    _, row_max, ent, log_sum, _ = lt.logprobs_forward(h, w, b, t, with_entropy=False, **opts)
     args = (h, w, b, t, row_max, log_sum, None)
     with pytest.raises(ValueError):  # grad_lse has no meaning with seq_grad
         lt.logprobs_backward(*args, None, torch.ones(t.shape[0]), None, seq_index=si,

@@ -5,7 +5,9 @@ Per step: the training loss and every metric TRL logs (rewards/*, logps/*, logit
 entropy, mean_token_accuracy, num_tokens) within 1e-4 (logps/* sum ~10 tokens of |log p| ~ 5;
 within max(1e-4, 1e-5 relative)), for loss types with and without a reference, a weighted
 ``loss_type`` list, label smoothing, TRL's precompute and LoRA; the fused head ran (counted);
-f-divergences and LD-DPO; a setting outside the fused path runs TRL's own loss (named in a warning);
+f-divergences, LD-DPO (with precompute: split from dpo_fast's per-token cache) and WPO
+(``use_weighting``: log sum p^2 from the fused kernels); a setting outside the fused path runs
+TRL's own loss (named in a warning);
 precompute through dpo_fast's cache, reused by a second run; an unedited TRL script runs
 through ``python -m dpo_fast.trl``; and 2-process DDP keeps every parameter equal on
 both ranks. Under CI a missing trl fails.
@@ -119,6 +121,17 @@ CASES = {
     "ld_alpha_list": dict(ld_alpha=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     "ld_alpha_precompute": dict(ld_alpha=0.5, precompute_ref_log_probs=True),
     "packed_ld_alpha": dict(padding_free=True, ld_alpha=0.0),
+    "packed_ld_alpha_precompute": dict(padding_free=True, ld_alpha=0.5,
+                                       precompute_ref_log_probs=True),
+    # WPO: the weights from the same kernel pass (log sum_v p_v^2 per position)
+    "wpo": dict(use_weighting=True),
+    # (not with sft or hinge: TRL 1.16 multiplies their per-pair losses by the weights in
+    # place, which raises for sft's expanded batch loss and for hinge's relu output)
+    "wpo_list": dict(use_weighting=True, loss_type=["sigmoid", "bco_pair", "ipo"],
+                     loss_weights=[1.0, 0.5, 0.3]),
+    "wpo_ld_alpha": dict(use_weighting=True, ld_alpha=0.5),
+    "wpo_precompute": dict(use_weighting=True, precompute_ref_log_probs=True),
+    "packed_wpo": dict(padding_free=True, use_weighting=True, loss_type="ipo"),
     # padding_free=True: TRL 1.16 switches it off (padded batches); the drop-in packs each
     # micro-batch into one shared-prompt row with segment attention: the same losses.
     "packed": dict(padding_free=True),
@@ -183,13 +196,31 @@ def test_precompute_fills_and_reuses_the_cache(model_dir, tmp_path):
     assert not (tmp_path / "run2" / "ref_cache").exists()
 
 
-def test_outside_fused_path_runs_trls_loss(model_dir, tmp_path, caplog):
-    config = dict(use_weighting=True)
-    ref, _ = _train("trl", model_dir, tmp_path / "trl", **config)
+def test_ld_alpha_precompute_splits_the_per_token_cache(model_dir, tmp_path):
+    """ld_alpha with precompute_ref_log_probs: the reference comes from dpo_fast's cache built
+    with per-token values (split at each pair's shared length), reused by a second run."""
+    first, t1 = _train("dpo_fast", model_dir, tmp_path / "run", ld_alpha=0.5,
+                       precompute_ref_log_probs=True)
+    assert t1.dpo_fast_ref_cache.per_token
+    assert t1.dpo_fast_ref_cache.last_build.rows_computed == 16
+    again, t2 = _train("dpo_fast", model_dir, tmp_path / "run", ld_alpha=0.5,
+                       precompute_ref_log_probs=True)
+    assert t2.dpo_fast_ref_cache.last_build.rows_computed == 0
+    assert [x["loss"] for x in again] == [x["loss"] for x in first]
+
+
+def test_outside_fused_path_runs_trls_loss(tmp_path, caplog):
+    """A soft-capped head (config.final_logit_softcapping, whose capped logits TRL's logits/*
+    metrics average) takes TRL's own loss, named in a warning: TRL's numbers exactly."""
+    _need_trl()
+    capped = tmp_path / "capped"
+    tiny_model(seed=3, final_logit_softcapping=30.0).save_pretrained(capped)
+    tiny_tokenizer().save_pretrained(capped)
+    ref, _ = _train("trl", capped, tmp_path / "trl")
     with caplog.at_level(logging.WARNING, logger="dpo_fast.trl.trainer"):
-        got, trainer = _train("dpo_fast", model_dir, tmp_path / "dpo_fast", **config)
-    assert trainer.dpo_fast_slow_reason == "use_weighting (WPO)"
-    assert "use_weighting" in caplog.text and "TRL's own loss" in caplog.text
+        got, trainer = _train("dpo_fast", capped, tmp_path / "dpo_fast")
+    assert trainer.dpo_fast_slow_reason.startswith("final_logit_softcapping")
+    assert "final_logit_softcapping" in caplog.text and "TRL's own loss" in caplog.text
     for r, g in zip(ref, got):
         assert abs(r["loss"] - g["loss"]) <= 1e-6
 

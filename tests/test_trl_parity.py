@@ -4,7 +4,8 @@ Marked ``slow`` (about 3 minutes on 2 cores); under CI a missing ``trl`` (1.16) 
 asset fails, elsewhere it skips. SmolLM2-135M-Instruct fp32, Rotten Tomatoes pairs,
 3 steps x 4 pairs, max_length 128, beta 0.1, AdamW lr 5e-5 (linear decay, clip 1.0), seed 42,
 for sigmoid (TRL's live reference model), sigmoid with TRL's ``precompute_ref_log_probs``,
-ipo and hinge. TRL gets the pairs dpo_fast visits, in dpo_fast's order, through a
+ipo, hinge, sigmoid with LD-DPO (``ld_alpha=0.5``: dpo_fast splits the reference from its
+per-token cache) and sigmoid with WPO (``use_weighting``: log sum p^2 from the fused kernels). TRL gets the pairs dpo_fast visits, in dpo_fast's order, through a
 SequentialSampler (``benchmarks/trl_parity.py`` has the machinery and the full 20-step
 comparison). What it proves, per config:
 
@@ -16,14 +17,17 @@ comparison). What it proves, per config:
   relative); reward accuracy is not compared where TRL's rewards
   are exactly 0 (policy == reference at step 1: ties, which dpo_fast's cached reference breaks
   by rounding noise);
-- step 1 gives the known answer of policy == reference (sigmoid ln 2, hinge 1, ipo 25):
-  exactly in TRL, within fp32 noise (1e-5 relative to max(1, loss)) in dpo_fast;
+- step 1 gives the known answer of policy == reference (sigmoid ln 2, hinge 1, ipo 25; with
+  ld_alpha too, as both log-ratios are 0): exactly in TRL, within fp32 noise (1e-5 relative to
+  max(1, loss)) in dpo_fast; WPO's step 1 is ln 2 times the mean pair weight, so it is not
+  ln 2 (the weights act) and is compared with TRL's instead;
 - the losses moved: at policy == reference every batch has that same loss, so steps 2..3
   differing from it by > 1e-3 (and non-zero margins) show that the policy was trained.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -69,7 +73,9 @@ def results():
         torch.set_num_threads(threads)
 
 
-CONFIG_NAMES = ("sigmoid", "sigmoid_precompute", "ipo", "hinge")
+CONFIG_NAMES = ("sigmoid", "sigmoid_precompute", "ipo", "hinge", "sigmoid_ld", "sigmoid_wpo")
+#: Configs whose step-1 loss is the known answer of policy == reference.
+KNOWN_ANSWER = tuple(n for n in CONFIG_NAMES if n != "sigmoid_wpo")
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -99,7 +105,7 @@ def test_per_step_losses_and_metrics_match(results, name):
     assert c["accuracy_tie_steps"] in ([], [1])
 
 
-@pytest.mark.parametrize("name", CONFIG_NAMES)
+@pytest.mark.parametrize("name", KNOWN_ANSWER)
 def test_step_one_is_the_known_answer(results, name):
     import trl_parity
 
@@ -115,7 +121,16 @@ def test_step_one_is_the_known_answer(results, name):
     assert abs(f["loss"] - want) <= 1e-5 * max(1.0, want), f["loss"]
 
 
-@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_wpo_weights_act_at_step_one(results):
+    """At policy == reference every sigmoid term is ln 2, so WPO's step-1 loss is ln 2 times
+    the batch's mean pair weight: not ln 2 (weights of real text are not all 1), and the same
+    in both trainers (the per-step test bounds the difference by 1e-4)."""
+    for run in ("trl", "dpo_fast"):
+        loss = results["sigmoid_wpo"][run]["steps"][0]["loss"]
+        assert abs(loss - math.log(2.0)) > 1e-3, (run, loss)
+
+
+@pytest.mark.parametrize("name", KNOWN_ANSWER)
 def test_losses_moved(results, name):
     import trl_parity
 

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace, err: TextIO, state: Dict[str, Any]) -> int:
     keep = ("max_length", "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha",
             "prompt_column", "chosen_column", "rejected_column", "truncation_mode",
             "simpo_gamma", "cpo_alpha", "orpo_lambda", "discopop_tau", "unlikelihood_alpha",
+            "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting",
             "seed",
             "sample_max_new_tokens", "sample_temperature")
     cfg = TrainConfig(**{k: run[k] for k in keep if k in run})

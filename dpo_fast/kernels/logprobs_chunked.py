@@ -10,7 +10,8 @@ gradient -- runs in Triton kernels that read each chunk's logits once.
 For the valid rows R (ignored positions are dropped first) and vocabulary chunks of C columns:
 
   forward   z_c = h W_c^T             [R, C] fp32 (bf16/fp16 inputs: fp32 output of the GEMM)
-            _lse_chunk_kernel: update the running (max m, sum s, entropy sum, target logit)
+            _lse_chunk_kernel: update the running (max m, sum s, entropy sum, target logit,
+                               and with_sum_sq q = sum exp(2 (z - m)))
   backward  z_c = h W_c^T             recomputed, as above
             _dz_chunk_kernel: dz_c = d loss / d z_c   [R, C] in the input dtype (in place
                                        over z_c for fp32)
@@ -85,13 +86,14 @@ def chunk_columns(n_rows: int, vocab: int, itemsize: int, chunk_bytes: Optional[
 
 @triton.jit
 def _lse_chunk_kernel(
-    Z, B, TGT, M, S, SZ, ZT,
+    Z, B, TGT, M, S, SZ, Q, ZT,
     R, C, v0, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WITH_SUM_SQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Folds one [R, C] chunk of raw logits (z = h W_c^T, row stride C) into the running
-    per-row state: max m, s = sum exp(z - m), sz = sum exp(z - m)(z - m), target logit."""
+    per-row state: max m, s = sum exp(z - m), sz = sum exp(z - m)(z - m), target logit, and
+    (WITH_SUM_SQ) q = sum exp(2 (z - m))."""
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
@@ -102,6 +104,11 @@ def _lse_chunk_kernel(
         sz = tl.load(SZ + offs_r, mask=mask_r, other=0.0)
     else:
         sz = s
+    # q = sum exp(2 (z - m)) of this chunk, referenced to the running max; the state from
+    # the earlier chunks (referenced to m0) is folded in after the loop. (Loading it before
+    # the loop kept one more value live through it: ptxas spilled on sm_90 / bf16.)
+    m0 = m
+    q = tl.zeros((BLOCK_R,), dtype=tl.float32)
     tgt = tl.load(TGT + offs_r, mask=mask_r, other=-1) - v0
     row_ptr = Z + offs_r.to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
@@ -124,12 +131,17 @@ def _lse_chunk_kernel(
             delta = tl.where(m == float("-inf"), 0.0, m - m_new)
             sz = scale * (sz + delta * s) + tl.sum(e * (z - m_new[:, None]), axis=1)
         s = s * scale + tl.sum(e, axis=1)
+        if WITH_SUM_SQ:  # rescaled by exp(2 (m_old - m_new)) = scale^2; e = 0 when padded
+            q = q * (scale * scale) + tl.sum(e * e, axis=1)
         m = m_new
     tl.store(M + offs_r, m, mask=mask_r)
     tl.store(S + offs_r, s, mask=mask_r)
     tl.store(ZT + offs_r, zt, mask=mask_r)
     if WITH_ENT:
         tl.store(SZ + offs_r, sz, mask=mask_r)
+    if WITH_SUM_SQ:  # m0 = -inf on the first chunk: its (zero) state gets weight 0
+        q += tl.load(Q + offs_r, mask=mask_r, other=0.0) * tl.exp(2.0 * (m0 - m))
+        tl.store(Q + offs_r, q, mask=mask_r)
 
 
 @triton.jit
@@ -193,18 +205,21 @@ def logprobs_forward(
     softcap: Optional[float],
     inv_temperature: float,
     with_entropy: bool,
+    with_sum_sq: bool = False,
     chunk_bytes: Optional[int] = None,
     min_cols: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward (no grad). Same contract as ``logprobs_torch.logprobs_forward``.
 
     Args:
         hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
         targets: [N] int64; ``ignore_index`` marks skipped positions.
+        with_sum_sq: also return log_sum_sq (forward only).
         chunk_bytes, min_cols: scratch budget per vocabulary chunk (see chunk_columns).
     Returns:
         logp [N], row_max [N], entropy [N] (or [0] unless ``with_entropy``), log_sum [N],
-        all fp32, 0.0 where ignored.
+        log_sum_sq [N] (log sum_v p_v^2; or [0] unless ``with_sum_sq``), all fp32, 0.0
+        where ignored.
     """
     hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
@@ -214,11 +229,12 @@ def logprobs_forward(
     row_max = torch.zeros(n, dtype=torch.float32, device=dev)
     log_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    lsq = torch.zeros(n if with_sum_sq else 0, dtype=torch.float32, device=dev)
     valid = targets != ignore_index
     rows = valid.nonzero().squeeze(1)
     r = rows.numel()
     if r == 0 or vocab == 0:
-        return logp, row_max, ent, log_sum
+        return logp, row_max, ent, log_sum, lsq
     all_rows = r == n
     hv = hidden if all_rows else hidden.index_select(0, rows)
     tv = (targets if all_rows else targets.index_select(0, rows)).contiguous()
@@ -226,9 +242,11 @@ def logprobs_forward(
     s = torch.zeros(r, dtype=torch.float32, device=dev)
     zt = torch.zeros(r, dtype=torch.float32, device=dev)
     sz = torch.zeros(r if with_entropy else 1, dtype=torch.float32, device=dev)
+    q = torch.zeros(r if with_sum_sq else 1, dtype=torch.float32, device=dev)
     cols = chunk_columns(r, vocab, hidden.element_size(), chunk_bytes, min_cols)
     buf = torch.empty(r * cols, dtype=torch.float32, device=dev)
-    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy)
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy,
+                 WITH_SUM_SQ=with_sum_sq)
     cap = float(softcap) if softcap is not None else 1.0
     for v0 in range(0, vocab, cols):
         c = min(cols, vocab - v0)
@@ -236,7 +254,7 @@ def logprobs_forward(
         gemm_f32(hv, weight[v0:v0 + c].t(), z)
         grid, opts = _row_launch("fwd", r)
         _lse_chunk_kernel[grid](
-            z, bias if bias is not None else z, tv, m, s, sz, zt, r, c, v0, cap,
+            z, bias if bias is not None else z, tv, m, s, sz, q, zt, r, c, v0, cap,
             float(inv_temperature), **flags, **opts)
     del buf
     ls = torch.log(s)
@@ -246,7 +264,9 @@ def logprobs_forward(
     log_sum.index_copy_(0, rows, ls)
     if with_entropy:
         ent.index_copy_(0, rows, ls - sz / s)
-    return logp, row_max, ent, log_sum
+    if with_sum_sq:  # log sum p^2 = log sum exp(2 (z - m)) - 2 log s
+        lsq.index_copy_(0, rows, torch.log(q) - 2.0 * ls)
+    return logp, row_max, ent, log_sum, lsq
 
 
 def logprobs_backward(
@@ -363,7 +383,7 @@ def logprobs_backward(
 
 _ROW_ARG_TYPES = {
     "Z": "*fp32", "DZ": "*{dt}", "B": "*{dt}", "TGT": "*i64", "M": "*fp32", "S": "*fp32",
-    "SZ": "*fp32", "ZT": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32",
+    "SZ": "*fp32", "Q": "*fp32", "ZT": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32",
     "GLP": "*fp32", "COEF": "*fp32", "GENT": "*fp32", "SIDX": "*i64", "SEQG": "*fp32",
     "R": "i32", "C": "i32", "v0": "i32", "softcap": "fp32", "inv_temperature": "fp32",
 }

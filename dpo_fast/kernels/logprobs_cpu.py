@@ -44,11 +44,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dpo_fast_cpu::logprobs_fwd")
     def _fwd_fake(hidden, weight, bias, targets, ignore_index, softcap, inv_temperature,
-                  with_entropy):
+                  with_entropy, with_sum_sq=False):
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32)
         return (hidden.new_empty(n, **f32), hidden.new_empty(n, **f32),
-                hidden.new_empty(n if with_entropy else 0, **f32), hidden.new_empty(n, **f32))
+                hidden.new_empty(n if with_entropy else 0, **f32), hidden.new_empty(n, **f32),
+                hidden.new_empty(n if with_sum_sq else 0, **f32))
 
     @torch.library.register_fake("dpo_fast_cpu::logprobs_bwd")
     def _bwd_fake(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_lse,
@@ -115,17 +116,20 @@ def logprobs_forward(
     softcap: Optional[float],
     inv_temperature: float,
     with_entropy: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    with_sum_sq: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the fused op; see ``logprobs_torch.logprobs_forward`` for the contract.
 
-    Returns logp [N], row_max [N], entropy [N] (shape [0] unless ``with_entropy``) and
-    log_sum [N] (lse = row_max + log_sum), fp32, 0.0 at ignored positions.
+    Returns logp [N], row_max [N], entropy [N] (shape [0] unless ``with_entropy``),
+    log_sum [N] (lse = row_max + log_sum) and log_sum_sq [N] (log sum_v p_v^2; shape [0]
+    unless ``with_sum_sq``), fp32, 0.0 at ignored positions.
     """
     if not _load():
         raise RuntimeError(f"dpo_fast C++ CPU kernel unavailable: {_state['error']}")
     return torch.ops.dpo_fast_cpu.logprobs_fwd(
         hidden, weight, bias, targets, int(ignore_index),
         None if softcap is None else float(softcap), float(inv_temperature), bool(with_entropy),
+        bool(with_sum_sq),
     )
 
 

@@ -12,6 +12,9 @@ Math, per valid position i (``targets[i] != ignore_index``) with head weight W [
     logp_i = z[y_i] - lse_i             (computed as (z[y_i] - m) - log(s))
     H_i    = lse_i - sum_v p_v z_v           (entropy, optional; computed as
              log(s) - sum_v e_v (z_v - m) / s with e_v = exp(z_v - m), m the running max)
+    LSQ_i  = log sum_v p_v^2                 (log_sum_sq, optional, forward only; computed as
+             log(q) - 2 log(s) with q = sum_v e_v^2 = sum_v exp(2 (z_v - m)), rescaled by
+             exp(2 (m_old - m_new)) when the running max moves)
 
 The forward returns the row max ``m`` and ``log_s`` = log(s) separately, not their sum:
 a rounded fp32 lse carries up to half an ulp of |lse| (~5e-4 at |z| ~ 1e4), which would
@@ -69,16 +72,19 @@ def logprobs_forward(
     softcap: Optional[float],
     inv_temperature: float,
     with_entropy: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    with_sum_sq: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the fused op.
 
     Args:
         hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
         targets: [N] int64; ``ignore_index`` marks skipped positions.
+        with_sum_sq: also return log_sum_sq (forward only: it has no backward).
     Returns:
         logp [N] fp32, row_max [N] fp32 (max logit m), entropy [N] fp32 (shape [0] unless
-        ``with_entropy``), log_sum [N] fp32 (log sum exp(z - m)); all 0.0 at ignored
-        positions. lse = row_max + log_sum.
+        ``with_entropy``), log_sum [N] fp32 (log sum exp(z - m)), log_sum_sq [N] fp32
+        (log sum_v p_v^2, shape [0] unless ``with_sum_sq``); all 0.0 at ignored positions.
+        lse = row_max + log_sum.
     """
     n, _ = hidden.shape
     vocab = weight.shape[0]
@@ -87,6 +93,7 @@ def logprobs_forward(
     row_max = torch.zeros(n, dtype=torch.float32, device=dev)
     log_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    lsq = torch.zeros(n if with_sum_sq else 0, dtype=torch.float32, device=dev)
     rows = (targets != ignore_index).nonzero().squeeze(1)
     for r0 in range(0, rows.numel(), TOKEN_CHUNK):
         idx = rows[r0:r0 + TOKEN_CHUNK]
@@ -95,6 +102,7 @@ def logprobs_forward(
         m = torch.full((idx.numel(),), float("-inf"), device=dev)
         s = torch.zeros(idx.numel(), device=dev)
         sz = torch.zeros(idx.numel(), device=dev)  # sum exp(z - m) * (z - m), for the entropy
+        q = torch.zeros(idx.numel(), device=dev)  # sum exp(2 (z - m)), for log_sum_sq
         zt = torch.zeros(idx.numel(), device=dev)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, vocab)
@@ -115,6 +123,8 @@ def logprobs_forward(
             else:
                 e = z.exp_()
             s = s * scale + e.sum(dim=1)
+            if with_sum_sq:  # referenced to the running max: q >= 1 at the end, no underflow
+                q = q * (scale * scale) + torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)
             m = m_new
         log_s = torch.log(s)
         row_max[idx] = m
@@ -122,7 +132,9 @@ def logprobs_forward(
         logp[idx] = (zt - m) - log_s
         if with_entropy:
             ent[idx] = log_s - sz / s
-    return logp, row_max, ent, log_sum
+        if with_sum_sq:
+            lsq[idx] = torch.log(q) - 2.0 * log_s
+    return logp, row_max, ent, log_sum, lsq
 
 
 def logprobs_backward(

@@ -7,8 +7,9 @@ Kernels (one program per tile, logits only ever exist as one [BLOCK_N, BLOCK_V] 
 
 - ``_fwd_kernel``: one program per tile of valid tokens; loops over vocab tiles
   (inner loop over D for the dot), online logsumexp, target gather by comparing
-  column ids with the target, optional entropy (running sum of exp(z - m) * (z - m)).
-  Saves only per-position scalars.
+  column ids with the target, optional entropy (running sum of exp(z - m) * (z - m)),
+  optional log sum p^2 (running sum of exp(2 (z - m)), forward only). Saves only
+  per-position scalars.
 - ``_bwd_dh_kernel``: one program per token tile; recomputes z tiles, forms dz and
   accumulates dh += dz @ W into an fp32 buffer whose rows it alone owns.
 - ``_bwd_dw_kernel``: one program per vocab tile; recomputes z tiles, forms dz and
@@ -127,9 +128,10 @@ def _logits_tile(
 
 @triton.jit
 def _fwd_kernel(
-    H, W, B, TGT, ROWS, LOGP, RMAX, LOGS, ENT,
+    H, W, B, TGT, ROWS, LOGP, RMAX, LOGS, ENT, LSQ,
     n_rows, V, D, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
+    WITH_SUM_SQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -143,6 +145,7 @@ def _fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sz = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m), for the entropy
+    q = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(2 (z - m)), for log sum p^2
     zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -162,6 +165,8 @@ def _fwd_kernel(
             delta = tl.where(m == float("-inf"), 0.0, m - m_new)
             sz = scale * (sz + delta * s) + tl.sum(e * (z - m_new[:, None]), axis=1)
         s = s * scale + tl.sum(e, axis=1)
+        if WITH_SUM_SQ:  # rescaled by exp(2 (m_old - m_new)) = scale^2; e = 0 when padded
+            q = q * (scale * scale) + tl.sum(e * e, axis=1)
         m = m_new
     log_s = tl.log(s)
     # m and log_s stay separate (lse = m + log_s is formed by the caller): a rounded fp32
@@ -172,6 +177,9 @@ def _fwd_kernel(
     if WITH_ENT:
         # H = lse - E_p[z] = log(s) - E_p[z - m]: no cancellation against |lse| ~ 1e4.
         tl.store(ENT + rows, log_s - sz / s, mask=mask_n)
+    if WITH_SUM_SQ:
+        # log sum p^2 = log q - 2 log s, both referenced to the max (q >= 1: no underflow).
+        tl.store(LSQ + rows, tl.log(q) - 2.0 * log_s, mask=mask_n)
 
 
 @triton.jit
@@ -311,7 +319,8 @@ _BLOCK_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
 # Runtime (non-constexpr) argument types, by argument name; "{dt}" is the input dtype.
 _ARG_TYPES = {
     "H": "*{dt}", "W": "*{dt}", "B": "*{dt}", "TGT": "*i64", "ROWS": "*i32",
-    "LOGP": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32", "GLP": "*fp32", "COEF": "*fp32",
+    "LOGP": "*fp32", "RMAX": "*fp32", "LOGS": "*fp32", "ENT": "*fp32", "LSQ": "*fp32",
+    "GLP": "*fp32", "COEF": "*fp32",
     "GENT": "*fp32", "SIDX": "*i64", "SEQG": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32",
     "n_rows": "i32", "V": "i32", "D": "i32",
     "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32",
@@ -343,7 +352,8 @@ def _blocks(name: str, dtype: torch.dtype, n: int, v: int, d: int,
 def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
     """What the compile gate needs to build every kernel at its default GPU config.
 
-    One entry per kernel, with every feature flag (bias, softcap, entropy, filtering, the
+    One entry per kernel, with every feature flag (bias, softcap, entropy, log sum p^2,
+    filtering, the
     backward's in-kernel per-sequence gradient gather ``SEQ_GRAD``) on when ``features``
     (the largest register footprint), else off (the common fast path), so the gate compiles
     both the [N]-grad and the per-sequence-grad variants of the backward kernels:
@@ -352,8 +362,8 @@ def kernel_specs(dtype: torch.dtype, features: bool = True) -> List[dict]:
     (num_warps, num_stages), ``gemm`` (whether its PTX must hold tensor-core mma/wgmma).
     """
     dt = TRITON_DTYPE[dtype]
-    flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "HAS_GENT", "FILTER",
-                                   "SEQ_GRAD")}
+    flags = {k: features for k in ("HAS_BIAS", "SOFTCAP", "WITH_ENT", "WITH_SUM_SQ", "HAS_GENT",
+                                   "FILTER", "SEQ_GRAD")}
     specs = []
     for name, fn in _KERNELS.items():
         cfg = default_config(name, dtype)
@@ -425,15 +435,18 @@ def logprobs_forward(
     softcap: Optional[float],
     inv_temperature: float,
     with_entropy: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    with_sum_sq: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of the fused op (Triton). Same contract as the twin's ``logprobs_forward``.
 
     Args:
         hidden: [N, D] fp32/fp16/bf16. weight: [V, D] same dtype. bias: [V] or None.
         targets: [N] int64; ``ignore_index`` marks skipped positions.
+        with_sum_sq: also return log_sum_sq (forward only).
     Returns:
         logp [N] fp32, row_max [N] fp32, entropy [N] fp32 (shape [0] unless
-        ``with_entropy``), log_sum [N] fp32; 0.0 where ignored. lse = row_max + log_sum.
+        ``with_entropy``), log_sum [N] fp32, log_sum_sq [N] fp32 (log sum_v p_v^2; shape [0]
+        unless ``with_sum_sq``); 0.0 where ignored. lse = row_max + log_sum.
     """
     hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     n, d = hidden.shape
@@ -443,19 +456,21 @@ def logprobs_forward(
     row_max = torch.zeros(n, dtype=torch.float32, device=dev)
     log_sum = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    lsq = torch.zeros(n if with_sum_sq else 0, dtype=torch.float32, device=dev)
     rows = (targets != ignore_index).nonzero().squeeze(1).to(torch.int32)
     n_rows = rows.numel()
     if n_rows == 0 or vocab == 0:
-        return logp, row_max, ent, log_sum
+        return logp, row_max, ent, log_sum, lsq
     args = (
         hidden, weight, bias if bias is not None else weight, targets, rows, logp, row_max,
-        log_sum, ent if with_entropy else row_max,
+        log_sum, ent if with_entropy else row_max, lsq if with_sum_sq else row_max,
         n_rows, vocab, d, float(softcap) if softcap is not None else 1.0, float(inv_temperature),
     )
-    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy)
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, WITH_ENT=with_entropy,
+                 WITH_SUM_SQ=with_sum_sq)
     launch("fwd", lambda b: triton.cdiv(n_rows, b["BLOCK_N"]), args, flags,
            (n_rows, vocab, d), hidden.dtype)
-    return logp, row_max, ent, log_sum
+    return logp, row_max, ent, log_sum, lsq
 
 
 def logprobs_backward(

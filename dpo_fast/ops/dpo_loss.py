@@ -28,7 +28,7 @@ from ..kernels.dpo_scratch import (
     PAIR_SEPARABLE, ScratchPlan, pair_chunks, scratch_preference_loss,
 )
 from ..kernels.options import HeadOptions
-from ..losses import PreferenceLossOutput, preference_loss
+from ..losses import PreferenceLossOutput, preference_loss, wpo_weights
 from .head_grad import active_sink, blockwise_backward
 from .logprobs import (
     TRITON_IMPLS, backend_module, fake_grads, grads_or_empty, head_grads, prepare_inputs,
@@ -138,8 +138,8 @@ def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Te
 
 
 # ------------------------------------------------------------------ sequence-level op
-# Forward: per-token log-probs (plus entropy, row max and log-sum for the metrics) and
-# their per-sequence sums. Backward: takes dL/d(sequence logp) [S] and hands it to the
+# Forward: per-token log-probs (plus entropy, row max and log-sum for the metrics, and with
+# with_sum_sq log sum_v p_v^2 for WPO) and their per-sequence sums. Backward: takes dL/d(sequence logp) [S] and hands it to the
 # log-prob backward; the Triton backend gathers it per token inside its kernels, the CPU
 # backends expand it to an [N] vector (O(N), never [N, V]). The head options are the ops'
 # keyword-only arguments (HeadOptions.op_kwargs), as in ``ops/logprobs.py``.
@@ -149,25 +149,27 @@ def _check_seq_inputs(targets: Tensor, seq_index: Tensor, ref_logps: Optional[Te
 def _seq_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq: Tensor, *,
     num_seqs: int, ignore_index: int, softcap: Optional[float], inv_temperature: float,
-    impl: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    logp, row_max, ent, log_sum = backend_module(impl).logprobs_forward(
+    impl: str, with_sum_sq: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # log_sum_sq (log sum_v p_v^2, [N], or [0] without with_sum_sq) is forward-only.
+    logp, row_max, ent, log_sum, log_sum_sq = backend_module(impl).logprobs_forward(
         hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
-        inv_temperature=inv_temperature, with_entropy=True,
+        inv_temperature=inv_temperature, with_entropy=True, with_sum_sq=with_sum_sq,
     )
     # float64 accumulation: a sequential fp32 sum of hundreds of tokens would lose more than
     # the per-token op's own error. Ignored positions add exactly 0.0 (to sequence 0).
     seq_logps = torch.zeros(num_seqs, dtype=torch.float64, device=logp.device).index_add(
         0, seq, logp.double()).float()
-    return seq_logps, logp, ent, row_max, log_sum
+    return seq_logps, logp, ent, row_max, log_sum, log_sum_sq
 
 
 @_seq_fwd.register_fake
-def _(hidden, weight, bias, targets, seq, *, num_seqs, **_opts):
+def _(hidden, weight, bias, targets, seq, *, num_seqs, with_sum_sq=False, **_opts):
     n = targets.shape[0]
     per_tok = hidden.new_empty((n,), dtype=torch.float32)
     return (hidden.new_empty((num_seqs,), dtype=torch.float32), per_tok,
-            torch.empty_like(per_tok), torch.empty_like(per_tok), torch.empty_like(per_tok))
+            torch.empty_like(per_tok), torch.empty_like(per_tok), torch.empty_like(per_tok),
+            hidden.new_empty((n if with_sum_sq else 0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("dpo_fast::seq_logprobs_bwd", mutates_args=())
@@ -201,11 +203,12 @@ def _seq_setup(ctx, inputs, keyword_only_inputs, output):
     hidden, weight, bias, targets, seq = inputs
     kw = dict(keyword_only_inputs)
     del kw["num_seqs"]
+    kw.pop("with_sum_sq", None)
     ctx.opts = HeadOptions(**kw)
     # A weight-gradient sink (FSDP2: dW by vocabulary block, each reduced to the rank that
     # holds those rows) applies to fp32 heads without bias on the CPU backends.
     ctx.sink = active_sink(hidden, weight, bias, ctx.opts.impl)
-    _, _, _, row_max, log_sum = output
+    _, _, _, row_max, log_sum, _ = output
     ctx.save_for_backward(hidden, weight, bias, targets, seq, row_max, log_sum)
 
 
@@ -402,18 +405,67 @@ def _uses_triton_sigmoid(batch: _Packed, loss_kwargs: Dict[str, Any]) -> bool:
             and len(loss_kwargs) == 4)  # no type-specific argument
 
 
-def _flat_loss(batch: _Packed, loss_kwargs: Dict[str, Any]) -> _LossParts:
+def ld_split(seq_index: Tensor, num_seqs: int, valid: Optional[Tensor] = None) -> Tensor:
+    """LD-DPO's split of the scored positions (Liu et al. 2024): sequence ids [N] in
+    ``[0, num_seqs)`` (chosen ``s``, rejected ``S/2 + s``; each sequence's positions in token
+    order, sequences in any order) -> ids in ``[0, 2 num_seqs)``: a position past its pair's
+    shared length (the shorter response's scored-position count) moves to ``num_seqs + id``.
+    ``valid`` [N] bool (default all): unscored positions keep their id and count nowhere."""
+    n = seq_index.numel()
+    dev = seq_index.device
+    valid = torch.ones(n, dtype=torch.bool, device=dev) if valid is None else valid
+    ids = torch.where(valid, seq_index, torch.full_like(seq_index, num_seqs))  # a parking id
+    counts = torch.bincount(ids, minlength=num_seqs + 1)[:num_seqs]
+    b = num_seqs // 2
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    order = torch.sort(ids, stable=True).indices  # each sequence's positions, in token order
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.int64, device=dev)
+    sorted_ids = ids[order]
+    in_seq = sorted_ids < num_seqs
+    rank[order] = torch.where(
+        in_seq, torch.arange(n, device=dev) - first[sorted_ids.clamp(max=num_seqs - 1)], 0)
+    tail = valid & (rank >= shared[seq_index.clamp(0, num_seqs - 1)])
+    return seq_index + num_seqs * tail.long()
+
+
+#: Loss types that read the chosen response's per-token NLL (``chosen_nll``).
+_NLL_TYPES = frozenset(("sft", "orpo", "unlikelihood", "cpo"))
+
+
+def _flat_loss(batch: _Packed, loss_kwargs: Dict[str, Any], ld_alpha: Optional[float] = None,
+               use_weighting: bool = False) -> _LossParts:
     """The memory-flat path: one custom op (O(N + tile) memory), then the preference loss on
-    the kept pairs."""
+    the kept pairs. ``ld_alpha``: the op sums each sequence's shared and tail positions apart
+    (:func:`ld_split`); ``use_weighting``: it also returns log sum_v p_v^2 per position for
+    WPO's pair weights."""
     compiling = torch.compiler.is_compiling()
     b, lengths, empty, valid, seq = batch.b, batch.lengths, batch.empty, batch.valid, batch.seq
-    policy_logps, logp, ent, row_max, log_sum = _seq_fwd(
-        batch.hidden, batch.weight, batch.bias, batch.targets, seq, num_seqs=2 * b,
-        **batch.head.op_kwargs())
+    ids, num_ids = (seq, 2 * b) if ld_alpha is None else (ld_split(seq, 2 * b, valid), 4 * b)
+    sums, logp, ent, row_max, log_sum, log_sum_sq = _seq_fwd(
+        batch.hidden, batch.weight, batch.bias, batch.targets, ids, num_seqs=num_ids,
+        with_sum_sq=use_weighting, **batch.head.op_kwargs())
+    if ld_alpha is None:
+        policy_logps = plain = sums
+    else:  # shared part + ld_alpha * tail; sft / WPO read the unweighted sums
+        plain = sums[:2 * b] + sums[2 * b:]
+        policy_logps = sums[:2 * b] + ld_alpha * sums[2 * b:]
     kept = ~empty
     idx = slice(None) if compiling or not bool(empty.any()) else kept.nonzero().flatten()
     pc, pr = policy_logps[:b][idx], policy_logps[b:][idx]
     rc, rr = (batch.ref[:b][idx], batch.ref[b:][idx]) if batch.ref is not None else (None, None)
+    loss_kwargs = dict(loss_kwargs)
+    types = loss_kwargs["loss_type"]
+    types = (types,) if isinstance(types, str) else tuple(types)
+    if ld_alpha is not None and _NLL_TYPES.intersection(types):
+        loss_kwargs.setdefault("chosen_nll", -plain[:b][idx] / lengths[:b][idx].clamp(min=1))
+    if use_weighting:
+        with torch.no_grad():
+            sq = torch.zeros(2 * b, dtype=torch.float64, device=seq.device).index_add(
+                0, seq, log_sum_sq.double())
+            loss_kwargs["pair_weights"] = wpo_weights(
+                plain[:b].detach(), plain[b:].detach(), sq[:b], sq[b:], lengths[:b],
+                lengths[b:]).float()[idx]
     if _uses_triton_sigmoid(batch, loss_kwargs):
         pref = _triton_sigmoid(pc, pr, rc, rr, float(loss_kwargs["beta"]),
                                float(loss_kwargs["label_smoothing"]))
@@ -460,6 +512,8 @@ def fused_preference_loss(
     empty_sequences: str = "error",
     max_scratch_bytes: Union[int, str, None] = "auto",
     impl: str = "auto",
+    ld_alpha: Optional[float] = None,
+    use_weighting: bool = False,
     **type_specific,
 ) -> FusedPreferenceOutput:
     """Preference loss straight from hidden states, for a packed batch of 2B sequences.
@@ -490,6 +544,16 @@ def fused_preference_loss(
             pair; otherwise, and with None, the memory-flat path runs (O(N + tile) memory,
             one custom op that ``torch.compile`` traces). "auto" (default):
             ``DEFAULT_CPU_SCRATCH_BYTES`` (40 MiB) on the C++ backend, else None.
+        ld_alpha: LD-DPO (TRL's name): each sequence's log-prob is the sum over its first
+            min(|chosen|, |rejected|) response positions plus ``ld_alpha`` times the rest
+            (positions of a sequence in token order). ``ref_logps`` must be split the same
+            way (``dpo_fast.train.reference.ld_pair_table``). ``policy_logps`` and the rewards
+            are the weighted sums; sft / orpo / cpo / unlikelihood's NLL and ``lengths`` stay
+            unweighted (TRL's conventions). None = off.
+        use_weighting: WPO (TRL's name): each pair's loss times :func:`dpo_fast.wpo_weights`
+            of the policy's unweighted log-probs and ``log sum_v p_v^2`` (from the same kernel
+            pass), without gradient. Not with aot / aot_unpaired.
+            With either modifier the memory-flat path runs.
 
     Under ``torch.compile`` the call traces as one graph (``fullgraph=True``) given
     ``ref_logps`` or ``num_pairs``: the memory-flat path runs whatever ``max_scratch_bytes``
@@ -504,11 +568,21 @@ def fused_preference_loss(
                   empty_sequences=empty_sequences, impl=impl)
     loss_kwargs = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
                        label_smoothing=label_smoothing, **type_specific)
+    if ld_alpha is not None:
+        if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) \
+                or not math.isfinite(ld_alpha):
+            raise ValueError(f"ld_alpha must be a finite number (LD-DPO uses [0, 1]) or None, "
+                             f"got {ld_alpha!r}")
+        ld_alpha = float(ld_alpha)
+    if not isinstance(use_weighting, bool):
+        raise ValueError(f"use_weighting must be True or False, got {use_weighting!r}")
     chunks, budget = _scratch_chunks(batch, max_scratch_bytes, loss_type)
+    if ld_alpha is not None or use_weighting:
+        chunks = []  # the scratch engine sums whole sequences and weights no pair
     # No chunks (no budget, no gradient wanted, a batch-coupled type such as aot, a dropped
-    # pair, or a pair whose logits exceed the budget): the memory-flat path runs.
+    # pair, a pair whose logits exceed the budget, or a modifier): the memory-flat path runs.
     parts = (_scratch_loss(batch, chunks, budget, loss_kwargs) if chunks
-             else _flat_loss(batch, loss_kwargs))
+             else _flat_loss(batch, loss_kwargs, ld_alpha, use_weighting))
     pref = parts.pref
     return FusedPreferenceOutput(
         loss=pref.loss, losses=pref.losses, chosen_rewards=pref.chosen_rewards,
@@ -528,6 +602,8 @@ class SequenceLogprobs(NamedTuple):
         entropy: [N] float32 softmax entropy per position (0.0 at ignored ones), detached.
         is_top1: [N] bool, the target is the argmax of the logits (False where ignored).
         lengths: [S] int64 scored positions per sequence.
+        log_sum_sq: [N] float32 log sum_v p_v^2 per position (0.0 at ignored ones), detached;
+            None unless ``with_sum_sq=True`` was asked.
     """
 
     logps: Tensor
@@ -535,6 +611,7 @@ class SequenceLogprobs(NamedTuple):
     entropy: Tensor
     is_top1: Tensor
     lengths: Tensor
+    log_sum_sq: Optional[Tensor] = None
 
 
 def sequence_logprobs(
@@ -549,6 +626,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     impl: str = "auto",
+    with_sum_sq: bool = False,
 ) -> SequenceLogprobs:
     """Per-sequence log-probs straight from hidden states (no ``[N, V]`` logits), for any
     loss the caller builds on them: the sequence-level op under
@@ -562,9 +640,12 @@ def sequence_logprobs(
             where ignored).
         num_seqs: S.
         bias, softcap, temperature, ignore_index, impl: as in :func:`dpo_fast.linear_logprobs`.
+        with_sum_sq: also return ``log_sum_sq`` [N] fp32, log sum_v p_v^2 of each position's
+            softmax (WPO's weights), from the same pass over the logits; forward only.
 
     Returns:
-        :class:`SequenceLogprobs`. The backward recomputes the logits tile by tile.
+        :class:`SequenceLogprobs` (logps [S], token_logps / entropy / is_top1 [N], lengths
+        [S], log_sum_sq [N] or None). The backward recomputes the logits tile by tile.
     """
     if not isinstance(targets, Tensor) or not isinstance(seq_index, Tensor):
         raise ValueError("targets and seq_index must be tensors")
@@ -584,13 +665,15 @@ def sequence_logprobs(
         if lo < 0 or hi >= num_seqs:
             raise ValueError(f"seq_index must lie in [0, {num_seqs}) at scored positions, "
                              f"got values in [{lo}, {hi}]")
-    logps, logp, ent, _row_max, log_sum = _seq_fwd(h2, w, bias, t1, seq, num_seqs=num_seqs,
-                                                   **head.op_kwargs())
+    logps, logp, ent, _row_max, log_sum, lsq = _seq_fwd(
+        h2, w, bias, t1, seq, num_seqs=num_seqs, with_sum_sq=bool(with_sum_sq),
+        **head.op_kwargs())
     lengths = torch.zeros(num_seqs, dtype=torch.int64, device=t1.device).index_add(
         0, seq, valid.to(torch.int64))
     # The target is the argmax exactly when z[y] == max z, i.e. logp == -log_sum.
     return SequenceLogprobs(logps, logp.detach(), ent.detach(),
-                            ((logp == -log_sum) & valid).detach(), lengths)
+                            ((logp == -log_sum) & valid).detach(), lengths,
+                            lsq.detach() if with_sum_sq else None)
 
 
 def fused_preference_loss_padded(
@@ -622,4 +705,4 @@ def fused_preference_loss_padded(
 
 
 __all__ = ["fused_preference_loss", "fused_preference_loss_padded", "FusedPreferenceOutput",
-           "sequence_logprobs", "SequenceLogprobs"]
+           "sequence_logprobs", "SequenceLogprobs", "ld_split"]

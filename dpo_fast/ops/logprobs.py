@@ -138,7 +138,7 @@ def _fwd_op(
     with_entropy: bool, ignore_index: int, softcap: Optional[float], inv_temperature: float,
     impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    logp, row_max, ent, log_sum = backend_module(impl).logprobs_forward(
+    logp, row_max, ent, log_sum, _ = backend_module(impl).logprobs_forward(
         hidden, weight, bias, targets, ignore_index=ignore_index, softcap=softcap,
         inv_temperature=inv_temperature, with_entropy=with_entropy,
     )

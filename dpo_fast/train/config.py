@@ -106,6 +106,13 @@ class TrainConfig:
             forward_kl, js_divergence or alpha_divergence; other than reverse_kl only for
             sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft.
         f_alpha_divergence_coef: alpha of alpha_divergence.
+        ld_alpha: LD-DPO (TRL's name; in [0, 1]): each response's log-prob, policy and
+            reference, is its first min(chosen, rejected) tokens plus ld_alpha times the rest
+            (1 = DPO, 0 = the longer response's tail masked); null = off. The reference cache
+            then keeps per-token values (per_token) to split the reference's sums.
+        use_weighting: WPO (TRL's name): each pair's loss times the policy's length-normalized
+            weights exp(mean log p(y_t) - log sum_v p_v^2) of both responses, without gradient.
+            Not with aot / aot_unpaired.
         optimizer: adamw (default) or rmsprop (the DPO paper's).
         learning_rate: Peak learning rate.
         weight_decay: Weight decay.
@@ -217,6 +224,8 @@ class TrainConfig:
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
                                "alpha_divergence"] = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    ld_alpha: Optional[float] = None
+    use_weighting: bool = False
 
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     learning_rate: float = 1e-6
@@ -304,6 +313,10 @@ class TrainConfig:
         if self.f_divergence_type != "reverse_kl":
             kw["f_divergence_type"] = self.f_divergence_type
             kw["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
+        if self.ld_alpha is not None:
+            kw["ld_alpha"] = float(self.ld_alpha)
+        if self.use_weighting:
+            kw["use_weighting"] = True
         return kw
 
     def to_dict(self) -> Dict[str, Any]:
@@ -403,6 +416,14 @@ class TrainConfig:
                 raise bad("f_divergence_type", f"'reverse_kl' with loss_type {outside[0]!r} "
                           f"(the f-divergences apply to {sorted(F_DIVERGENCE_TYPES)})")
         number("f_alpha_divergence_coef", -math.inf)
+        number("ld_alpha", 0.0, 1.0, optional=True)
+        if not isinstance(self.use_weighting, bool):
+            raise bad("use_weighting", "true or false")
+        if self.use_weighting:
+            sorted_types = [t for t in self.loss_types if t in ("aot", "aot_unpaired")]
+            if sorted_types:
+                raise bad("use_weighting", f"false with loss_type {sorted_types[0]!r} (its "
+                          "losses are sorted over the batch, so there is no pair to weight)")
         number("beta", 0.0, lo_open=True)
         number("label_smoothing", 0.0, 0.5, hi_open=True)
         number("rpo_alpha", 0.0, optional=True)

@@ -46,10 +46,33 @@ def cache_path(cfg: TrainConfig, output_dir: Path) -> Path:
     return Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else Path(output_dir) / "ref_cache"
 
 
-def pair_table(cache: RefLogProbCache, examples: Sequence[PreferenceExample]) -> np.ndarray:
-    """[n, 2] float32 (chosen, rejected) of ``examples`` from ``cache``."""
-    c, r = cache.lookup([e.key_bytes for e in examples], split=True)
-    return np.stack([c.numpy(), r.numpy()], axis=1)
+def pair_table(cache: RefLogProbCache, examples: Sequence[PreferenceExample],
+               ld_alpha: Optional[float] = None) -> np.ndarray:
+    """[n, 2] float32 (chosen, rejected) of ``examples`` from ``cache``. With ``ld_alpha``
+    (LD-DPO; the cache must hold per-token values): each sequence's sum over its first
+    min(|chosen|, |rejected|) tokens plus ``ld_alpha`` times the sum over the rest."""
+    if ld_alpha is None:
+        c, r = cache.lookup([e.key_bytes for e in examples], split=True)
+        return np.stack([c.numpy(), r.numpy()], axis=1)
+    return ld_pair_table(cache, examples, ld_alpha)
+
+
+def ld_pair_table(cache: RefLogProbCache, examples: Sequence[PreferenceExample],
+                  ld_alpha: float) -> np.ndarray:
+    """:func:`pair_table` with LD-DPO's split, from the per-token values of ``cache``
+    (float64 sums, as the cache's own sequence sums)."""
+    if not cache.per_token:
+        raise ValueError(f"ld_alpha needs the reference's per-token log-probs; the cache at "
+                         f"{cache.path} holds sequence sums only (build it with per_token=True, "
+                         "or use another ref_cache_dir)")
+    out = np.empty((len(examples), 2), dtype=np.float32)
+    cache.lookup([e.key_bytes for e in examples])  # MissingRowsError for absent pairs first
+    for i, e in enumerate(examples):
+        c, r = (t.numpy().astype(np.float64) for t in cache.token_logps(e.key_bytes))
+        s = min(c.size, r.size)
+        out[i, 0] = c[:s].sum() + ld_alpha * c[s:].sum()
+        out[i, 1] = r[:s].sum() + ld_alpha * r[s:].sum()
+    return out
 
 
 def release_memory(device: torch.device) -> None:
@@ -109,6 +132,7 @@ def fill_reference(cfg: TrainConfig, policy: torch.nn.Module, tokenizer,
             return RefLogProbCache.ensure(view, examples, path, fingerprint=fp,
                                           batch_tokens=ref_batch_tokens(cfg, device),
                                           progress=progress,
+                                          per_token=cfg.ld_alpha is not None,
                                           rows_per_shard=cfg.ref_rows_per_shard,
                                           lockstep=ref_root is not None)
 
@@ -121,8 +145,9 @@ def fill_reference(cfg: TrainConfig, policy: torch.nn.Module, tokenizer,
         del ref, view, ref_root
         release_memory(device)
     table = np.full((len(train), 2), np.nan, dtype=np.float32)
-    table[needed] = pair_table(cache, [train[i] for i in needed])
-    return ReferenceTables(table, pair_table(cache, held_out) if held_out is not None else None)
+    table[needed] = pair_table(cache, [train[i] for i in needed], cfg.ld_alpha)
+    return ReferenceTables(table, pair_table(cache, held_out, cfg.ld_alpha)
+                           if held_out is not None else None)
 
 
 def eval_reference(cfg: TrainConfig, tokenizer, held_out: Sequence[PreferenceExample],
@@ -137,7 +162,8 @@ def eval_reference(cfg: TrainConfig, tokenizer, held_out: Sequence[PreferenceExa
         path = ref_cache_dir or Path(output_dir) / "ref_cache"
         cache = RefLogProbCache.ensure(
             ref, held_out, path, batch_tokens=ref_batch_tokens(cfg, device),
-            fingerprint=fingerprint(ref, tokenizer, max_length=cfg.max_length))
+            fingerprint=fingerprint(ref, tokenizer, max_length=cfg.max_length),
+            per_token=cfg.ld_alpha is not None)
         del ref
         release_memory(device)
     elif ref_cache_dir is None or not Path(ref_cache_dir).is_dir():
@@ -146,7 +172,7 @@ def eval_reference(cfg: TrainConfig, tokenizer, held_out: Sequence[PreferenceExa
     else:
         cache = RefLogProbCache.open(ref_cache_dir)
     try:
-        return pair_table(cache, held_out)
+        return pair_table(cache, held_out, cfg.ld_alpha)
     except MissingRowsError as e:
         raise ValueError(f"{len(getattr(e, 'missing', ()) or ()) or 'some'} of "
                          f"{len(held_out)} pairs are not in the reference cache at "

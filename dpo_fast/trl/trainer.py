@@ -17,12 +17,14 @@ The model is called through whatever wraps it (DDP / FSDP / accelerate, under th
 autocast): the head runs inside the wrapped model's forward, so gradient synchronisation
 sees every parameter it uses.
 
-``f_divergence_type`` (f-DPO) is dpo_fast's too (``preference_loss``), and ``ld_alpha``
-(LD-DPO) splits each sequence's positions at the pair's shared length inside the fused op.
-Settings the fast path does not cover run TRL's own loss unchanged (same results at TRL's
-speed), named in one warning at start: ``use_weighting``, a MoE auxiliary loss, vision-language data, and heads whose
-logits TRL scales or soft-caps (``final_logit_softcapping``, ``logit_scale`` and kin: TRL's
-``logits/*`` metrics average every logit).
+``f_divergence_type`` (f-DPO) is dpo_fast's too (``preference_loss``), ``ld_alpha``
+(LD-DPO) splits each sequence's positions at the pair's shared length inside the fused op, and
+``use_weighting`` (WPO) takes ``log sum_v p_v^2`` per position from the same kernel pass
+(:func:`dpo_fast.wpo_weights`). Settings the fast path does not cover run TRL's own loss
+unchanged (same results at TRL's speed), named in one warning at start: a MoE auxiliary loss,
+vision-language data, and heads whose logits TRL scales or soft-caps
+(``final_logit_softcapping``, ``logit_scale`` and kin: TRL's ``logits/*`` metrics average every
+logit).
 
 ``padding_free=True`` (which TRL 1.16 switches off) packs each micro-batch's pairs into one row
 as ``dpo-fast train`` does: each prompt once, followed by its chosen and its rejected response,
@@ -56,11 +58,11 @@ except ImportError as e:  # pragma: no cover - exercised only without trl instal
                       "pip install -e '.[trl]' from a clone (trl==1.16.0)") from e
 
 from ..data.examples import PreferenceExample
-from ..losses import preference_loss
+from ..losses import preference_loss, wpo_weights
 from ..refcache import RefLogProbCache, fingerprint
-from ..ops.dpo_loss import SequenceLogprobs, sequence_logprobs
+from ..ops.dpo_loss import SequenceLogprobs, ld_split, sequence_logprobs
 from ..train import batching
-from ..train.reference import reference_view
+from ..train.reference import pair_table, reference_view
 from ..train.sharding import base_state, is_peft
 
 logger = logging.getLogger(__name__)
@@ -109,13 +111,12 @@ class _HeadResult:
     seq: SequenceLogprobs   # logps [S] differentiable (LD-DPO-weighted), per-position extras [N]
     seq_index: Tensor       # [N] int64, the row of each scored position
     mean_logits: Tensor     # [N] fp32 mean over the vocabulary of the logits (detached)
-    plain_logps: Tensor     # [S] unweighted sums (= seq.logps without ld_alpha), for sft
+    plain_logps: Tensor     # [S] unweighted sums (= seq.logps without ld_alpha), for sft / WPO
+    log_sum_sq: Optional[Tensor] = None  # [S] sums of log sum_v p_v^2 (WPO), detached
 
 
 def _slow_path_reason(trainer: "DPOTrainer") -> Optional[str]:
     """Why the fast path cannot give TRL's results for this trainer's settings, or None."""
-    if trainer.use_weighting:
-        return "use_weighting (WPO)"
     if trainer.aux_loss_enabled:
         return "a MoE router auxiliary loss"
     if getattr(trainer, "_is_vlm", False) or getattr(trainer, "_is_vision_dataset", False):
@@ -176,24 +177,12 @@ def _packed_rows(targets: Tensor, seq_index: Tensor, hidden_index: Optional[Tens
     return select
 
 
-def _ld_split(seq_index: Tensor, num_seqs: int) -> Tensor:
-    """LD-DPO's split: sequence ids [N] (sorted, each sequence's positions in order) ->
-    ids in [0, 2S): a position past the pair's shared length (the shorter response's token
-    count) moves to ``S + its sequence``."""
-    if bool((seq_index[1:] < seq_index[:-1]).any()):
-        raise AssertionError("ld_alpha: the scored positions are not in sequence order")
-    counts = torch.bincount(seq_index, minlength=num_seqs)
-    b = num_seqs // 2
-    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(seq_index.numel(), device=seq_index.device) - first[seq_index]
-    return seq_index + num_seqs * (pos >= shared[seq_index]).long()
-
-
-def _head_fn(select, num_seqs: int, ld_alpha: Optional[float] = None):
+def _head_fn(select, num_seqs: int, ld_alpha: Optional[float] = None,
+             with_sum_sq: bool = False):
     """The callable the patched forward runs on the body's last hidden states: ``select``
     (:func:`_padded_rows` / :func:`_packed_rows`) picks the scored rows. ``ld_alpha``
-    (LD-DPO): each sequence's log-prob is its shared part plus ``ld_alpha`` times the rest."""
+    (LD-DPO): each sequence's log-prob is its shared part plus ``ld_alpha`` times the rest.
+    ``with_sum_sq`` (WPO): also each sequence's sum of ``log sum_v p_v^2``."""
 
     def head(hidden: Tensor, lm_head: torch.nn.Module) -> _HeadResult:
         hs, t, seq_index = select(hidden)
@@ -209,20 +198,25 @@ def _head_fn(select, num_seqs: int, ld_alpha: Optional[float] = None):
             bias = bias.to(hs.dtype) if bias is not None else None
         t, seq_index = t.to(hs.device), seq_index.to(hs.device)
         if ld_alpha is None:
-            out = sequence_logprobs(hs, weight, t, seq_index, num_seqs, bias=bias)
+            out = sequence_logprobs(hs, weight, t, seq_index, num_seqs, bias=bias,
+                                    with_sum_sq=with_sum_sq)
             plain = out.logps
         else:
-            split = sequence_logprobs(hs, weight, t, _ld_split(seq_index, num_seqs),
-                                      2 * num_seqs, bias=bias)
+            split = sequence_logprobs(hs, weight, t, ld_split(seq_index, num_seqs),
+                                      2 * num_seqs, bias=bias, with_sum_sq=with_sum_sq)
             shared, tail = split.logps[:num_seqs], split.logps[num_seqs:]
             plain = shared + tail
             out = split._replace(logps=shared + ld_alpha * tail,
                                  lengths=split.lengths[:num_seqs] + split.lengths[num_seqs:])
+        sum_sq = None
+        if with_sum_sq:  # per-sequence sums of log sum_v p_v^2 (0.0 at unscored positions)
+            sum_sq = torch.zeros(num_seqs, dtype=torch.float64, device=hs.device).index_add(
+                0, seq_index, out.log_sum_sq.double()).float()
         with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b)
             mean_logits = hs.float() @ weight.mean(0, dtype=torch.float32)  # no fp32 head copy
             if bias is not None:
                 mean_logits = mean_logits + bias.float().mean()
-        return _HeadResult(out, seq_index, mean_logits, plain)
+        return _HeadResult(out, seq_index, mean_logits, plain, sum_sq)
 
     return head
 
@@ -370,8 +364,11 @@ class DPOTrainer(_TRLDPOTrainer):
         with adapters_off:
             cache = RefLogProbCache.ensure(view, examples, path, fingerprint=fp,
                                            batch_tokens=1024 if self.args.device.type == "cpu"
-                                           else 16384)
-        c, r = cache.lookup([e.key_bytes for e in examples], split=True)
+                                           else 16384, per_token=self.ld_alpha is not None)
+        # [n, 2]; with ld_alpha the shared + ld_alpha * tail split of the per-token values, as
+        # TRL's precompute stores it
+        table = pair_table(cache, examples, self.ld_alpha)
+        c, r = table[:, 0], table[:, 1]
         self.dpo_fast_ref_cache = cache
         done = getattr(cache, "last_build", None)
         logger.info("dpo_fast.trl: reference log-probs of %d %s pairs from %s (%s computed)",
@@ -389,8 +386,6 @@ class DPOTrainer(_TRLDPOTrainer):
             return "a peft model with a 'ref' adapter"
         if self.is_deepspeed_enabled:
             return "DeepSpeed"
-        if self.ld_alpha is not None:
-            return "ld_alpha (the cache holds whole-sequence sums)"
         return None
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -423,17 +418,20 @@ class DPOTrainer(_TRLDPOTrainer):
         return logps.chunk(2)
 
     def _pair_loss(self, loss_type: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor,
-                   seq: SequenceLogprobs, plain: Tensor, completion_lengths: Tensor) -> Tensor:
+                   seq: SequenceLogprobs, plain: Tensor, completion_lengths: Tensor,
+                   weights: Optional[Tensor]) -> Tensor:
         b = pc.shape[0]
         if loss_type == "sft":  # TRL: mean log-prob over every chosen token of the batch
-            return -(plain[:b].sum() / seq.lengths[:b].sum())
+            loss = -(plain[:b].sum() / seq.lengths[:b].sum())
+            # TRL expands it to every pair before WPO's per-pair weights: the mean weight
+            return loss if weights is None else loss * weights.mean()
         lengths = completion_lengths.clamp(min=1).to(pc.dtype)
         out = preference_loss(
             pc, pr, rc, rr, loss_type=loss_type, beta=self.beta,
             label_smoothing=self.label_smoothing if loss_type in _SMOOTHED else 0.0,
             chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
             discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, pair_weights=weights)
         return out.loss
 
     def _fused_loss(self, model, inputs: Dict[str, Any]) -> Tensor:
@@ -441,9 +439,8 @@ class DPOTrainer(_TRLDPOTrainer):
         if "dpo_fast_targets" in inputs:  # padding_free: one packed row
             lengths = inputs["completion_lengths"]
             b = lengths.shape[0] // 2
-            head = _head_fn(_packed_rows(inputs["dpo_fast_targets"], inputs["dpo_fast_seq_index"],
-                                         inputs.get("dpo_fast_hidden_index")), 2 * b,
-                            self.ld_alpha)
+            select = _packed_rows(inputs["dpo_fast_targets"], inputs["dpo_fast_seq_index"],
+                                  inputs.get("dpo_fast_hidden_index"))
             num_tokens = inputs["num_real_tokens"]
             skip = _NON_MODEL_KEYS.union(_PACKED_KEYS)
         else:  # TRL's padded batch
@@ -451,22 +448,27 @@ class DPOTrainer(_TRLDPOTrainer):
             input_ids = inputs["input_ids"]
             b = input_ids.shape[0] // 2
             lengths = completion_mask.sum(1)
-            head = _head_fn(_padded_rows(
-                input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)), 2 * b,
-                self.ld_alpha)
+            select = _padded_rows(input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100))
             num_tokens = inputs["attention_mask"].sum()
             skip = _NON_MODEL_KEYS
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         model_kwargs["use_cache"] = False
-        res: _HeadResult = model(**model_kwargs, dpo_fast_head=head)
+        res: _HeadResult = model(**model_kwargs, dpo_fast_head=_head_fn(
+            select, 2 * b, self.ld_alpha, with_sum_sq=self.use_weighting))
         seq = res.seq
         pc, pr = seq.logps[:b], seq.logps[b:]
-        rc, rr = self._reference_logps(inputs, model_kwargs, head)
+        rc, rr = self._reference_logps(inputs, model_kwargs, _head_fn(select, 2 * b,
+                                                                      self.ld_alpha))
         rc, rr = rc.to(pc.device, pc.dtype), rr.to(pc.device, pc.dtype)
+        weights = None
+        if self.use_weighting:  # WPO: TRL's weights from the unweighted per-token log-probs
+            n = seq.lengths.to(pc.device)
+            weights = wpo_weights(res.plain_logps[:b], res.plain_logps[b:],
+                                  res.log_sum_sq[:b], res.log_sum_sq[b:], n[:b], n[b:])
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             loss = loss + self._pair_loss(loss_type, pc, pr, rc, rr, seq, res.plain_logps,
-                                          lengths.to(pc.device)) * weight
+                                          lengths.to(pc.device), weights) * weight
         self._log_fused_metrics(mode, num_tokens, res, pc.detach(), pr.detach(), rc, rr, b)
         return loss
 
