@@ -42,8 +42,15 @@ Tokens per step (both): prompt + response (EOS included) of the chosen and of th
 sequence, after truncation, padding excluded -- TRL's ``attention_mask.sum()`` of the batch;
 for dpo_fast the same count from its token ids (whatever its packing shares).
 
-    python benchmarks/trl_parity.py                  # 4 configs x 20 steps (~10 minutes)
+    python benchmarks/trl_parity.py                  # 6 configs x 20 steps (~15 minutes)
     python benchmarks/trl_parity.py --steps 3 --configs sigmoid hinge
+    python benchmarks/trl_parity.py --dropin         # TRL vs dpo_fast.trl, 10 configs x 20 steps
+
+``--dropin`` compares TRL's ``DPOTrainer`` with ``dpo_fast.trl.DPOTrainer`` instead (the same
+run of TRL's own data preparation and collator, one changed import): :data:`DROPIN_CONFIGS`
+covers sigmoid, ipo, a weighted ``loss_type`` list, an f-divergence, LD-DPO, WPO,
+``precompute_ref_log_probs`` (dpo_fast's cache, filled by the run), ``padding_free`` (packed
+rows) and LoRA, with the same tolerances.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import harness
 
@@ -211,21 +218,25 @@ def _quiet():
 
 
 def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: int,
-            batch_size: int, lr: float, beta: float, loss_type: str,
+            batch_size: int, lr: float, beta: float, loss_type: Union[str, Sequence[str]],
             max_length: Optional[int], seed: int, precompute_ref_log_probs: bool = False,
             gradient_checkpointing: bool = False, callbacks: Optional[list] = None,
             token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
             output_dir: Optional[str] = None, device: str = "cpu",
             precision: str = "fp32", dropin: bool = False,
             padding_free: bool = False, ref_cache_dir: Optional[str] = None,
-            ld_alpha: Optional[float] = None, use_weighting: bool = False) -> Dict[str, Any]:
+            ld_alpha: Optional[float] = None, use_weighting: bool = False,
+            lora: bool = False, **dpo_args) -> Dict[str, Any]:
     """Runs TRL's ``DPOTrainer`` for ``steps`` steps over ``rows_in_order`` without shuffling.
 
     ``dropin``: the same run through ``dpo_fast.trl``'s ``DPOTrainer`` / ``DPOConfig`` (the
     one-line change of a TRL script); ``padding_free``: TRL's ``padding_free`` argument (TRL
     1.16 switches it off, the drop-in packs); ``ref_cache_dir``: the drop-in's
     ``DPOConfig.ref_cache_dir`` (its ``precompute_ref_log_probs`` cache); ``ld_alpha`` /
-    ``use_weighting``: TRL's LD-DPO / WPO arguments.
+    ``use_weighting``: TRL's LD-DPO / WPO arguments; ``lora``: a LoRA adapter (r 8 on the
+    attention and MLP projections) through TRL's ``peft_config``; ``dpo_args``: any other
+    ``DPOConfig`` field (``loss_weights``, ``f_divergence_type``, ...). ``loss_type``: a name or
+    a list of names.
 
     ``device`` "cpu" (``use_cpu=True``) or "cuda"; ``precision`` "fp32" (``bf16=False``) or
     "bf16" (TRL's ``bf16=True``: autocast over fp32 weights, its default on a GPU). On CUDA the
@@ -338,12 +349,20 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
             report_to="none",
             save_strategy="no", logging_steps=1, disable_tqdm=True, max_steps=steps,
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-            learning_rate=lr, beta=beta, loss_type=[loss_type], max_length=max_length,
+            learning_rate=lr, beta=beta, max_length=max_length,
+            loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
             seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
             padding_free=padding_free, ld_alpha=ld_alpha, use_weighting=use_weighting,
             **({"ref_cache_dir": ref_cache_dir} if ref_cache_dir else {}),
             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            dataloader_num_workers=0, **{ckpt: gradient_checkpointing})
+            dataloader_num_workers=0, **{ckpt: gradient_checkpointing}, **dpo_args)
+        peft_config = None
+        if lora:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "gate_proj", "up_proj", "down_proj"])
         hash_module = dpo_mod.hash_module
 
         def timed_hash(module):
@@ -357,6 +376,7 @@ def run_trl(model_dir: str, rows_in_order: Sequence[Dict[str, Any]], *, steps: i
         try:
             with _quiet():
                 trainer = ParityDPOTrainer(model=str(model_dir), args=args,
+                                           peft_config=peft_config,
                                            train_dataset=datasets.Dataset.from_list(rows),
                                            callbacks=[Clock(), *(callbacks or [])])
         finally:
@@ -520,7 +540,7 @@ def _first_id_mismatch(a: Sequence, b: Sequence) -> Optional[str]:
 
 def compare(trl: Dict[str, Any], fast: Dict[str, Any], *,
             order: Optional[VisitOrder] = None, abs_tol: float = 1e-4,
-            logps_rtol: float = 1e-5) -> Dict[str, Any]:
+            logps_rtol: float = 1e-5, loss_rtol: float = 0.0) -> Dict[str, Any]:
     """Step-by-step comparison of a :func:`run_trl` and a :func:`run_dpo_fast` record.
 
     Inputs: TRL's prepared ids must equal dpo_fast's visited examples' ids, pair by pair, and
@@ -532,7 +552,8 @@ def compare(trl: Dict[str, Any], fast: Dict[str, Any], *,
     kernels and summation orders, then weights drifting apart by that noise) are ~1e-5
     absolute at step 1 and ~2e-4 after 20 steps, i.e. ~1e-6 relative: they pass within
     ``max(abs_tol, logps_rtol * |value|)`` (rewards, differences of two such sums times beta,
-    stay within ``abs_tol``). ``rewards/accuracies`` counts
+    stay within ``abs_tol``); the loss within ``max(abs_tol, loss_rtol * |loss|)`` (0 by
+    default: absolute only). ``rewards/accuracies`` counts
     ``chosen_reward > rejected_reward``; where TRL's rewards are exactly 0 (policy ==
     reference, i.e. step 1) it is a comparison of ties, decided by rounding noise in dpo_fast
     (whose reference values come from its cache, computed in other batches): such steps are
@@ -544,6 +565,11 @@ def compare(trl: Dict[str, Any], fast: Dict[str, Any], *,
     mismatch = _first_id_mismatch(trl["ids"], fast["ids"])
     if mismatch:
         failures.append(f"token ids differ: {mismatch}")
+    elif "visited" not in fast:  # another run_trl record (the drop-in): the same batches
+        for k, (a, b) in enumerate(zip(trl["batches"], fast["batches"])):
+            if a is not None and b is not None and a != b:  # None: a packed row
+                failures.append(f"step {k + 1}: the two runs' batches differ")
+                break
     else:
         bs = len(fast["visited"][0]) if fast.get("visited") else 0
         if len(trl["batches"]) != len(trl["steps"]):
@@ -593,7 +619,8 @@ def compare(trl: Dict[str, Any], fast: Dict[str, Any], *,
             max_diff[m] = max(max_diff[m], d)
             if m not in COMPARED:
                 continue
-            tol = max(abs_tol, logps_rtol * abs(t[m])) if m.startswith("logps/") else abs_tol
+            tol = max(abs_tol, logps_rtol * abs(t[m])) if m.startswith("logps/") else (
+                max(abs_tol, loss_rtol * abs(t[m])) if m == "loss" else abs_tol)
             if d > tol:
                 failures.append(f"step {k + 1}: |{m} diff| = {d:.3g} > {tol:.3g} (TRL "
                                 f"{t[m]!r}, dpo_fast {f[m]!r})")
@@ -681,6 +708,65 @@ def run_comparison(model_dir: str, rows: Sequence[Dict[str, Any]],
     return results
 
 
+#: ``--dropin``: TRL's DPOTrainer vs dpo_fast.trl's on the same TRL run (run_trl arguments).
+DROPIN_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "sigmoid": {"loss_type": "sigmoid"},
+    "ipo": {"loss_type": "ipo"},
+    "list_weighted": {"loss_type": ["sigmoid", "sft", "bco_pair"],
+                      "loss_weights": [1.0, 0.5, 0.3]},
+    # forward_kl's score 1 - exp(-u) multiplies the log-ratio's fp32 noise (~1e-6 relative of
+    # sums ~150) by exp(-u): one step of lr 5e-5 moves u to -5.3 on this data (the step-2 loss
+    # is 20), so its loss is compared within 1e-4 relative (the reward and logps metrics, not
+    # amplified, keep the default tolerances)
+    "forward_kl": {"loss_type": "sigmoid", "f_divergence_type": "forward_kl",
+                   "_loss_rtol": 1e-4},
+    "ld_alpha": {"loss_type": "sigmoid", "ld_alpha": 0.5},
+    "use_weighting": {"loss_type": "sigmoid", "use_weighting": True},
+    "precompute": {"loss_type": "sigmoid", "precompute_ref_log_probs": True},
+    "padding_free": {"loss_type": "sigmoid", "padding_free": True},
+    "lora": {"loss_type": "sigmoid", "lora": True, "lr": 5e-4},
+    "padding_free_lora": {"loss_type": "sigmoid", "padding_free": True, "lora": True,
+                          "lr": 5e-4},
+}
+
+
+def run_dropin_comparison(model_dir: str, rows: Sequence[Dict[str, Any]],
+                          configs: Sequence[str] = tuple(DROPIN_CONFIGS), *, steps: int,
+                          batch_size: int, lr: float, beta: float, max_length: Optional[int],
+                          seed: int, gradient_checkpointing: bool = False,
+                          log=None) -> Dict[str, Any]:
+    """TRL's ``DPOTrainer`` and ``dpo_fast.trl.DPOTrainer`` on the same rows in the same order
+    (dpo_fast's planned order, as :func:`run_comparison`), per config of
+    :data:`DROPIN_CONFIGS`, in this process; each result has ``trl``, ``dpo_fast`` (the
+    drop-in's record) and ``comparison`` (:func:`compare`)."""
+    from transformers import AutoTokenizer
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        order = visit_order(rows, AutoTokenizer.from_pretrained(model_dir),
+                            batch_size=batch_size, seed=seed, max_length=max_length,
+                            steps=steps, data_cache_dir=str(Path(tmp) / "tokenized"))
+        results: Dict[str, Any] = {"order": order.to_dict()}
+        for name in configs:
+            cfg = {"lr": lr, **DROPIN_CONFIGS[name]}
+            loss_rtol = cfg.pop("_loss_rtol", 0.0)
+            common = dict(steps=steps, batch_size=batch_size, beta=beta, max_length=max_length,
+                          seed=seed, gradient_checkpointing=gradient_checkpointing, **cfg)
+            runs = {}
+            for who in ("trl", "dropin"):
+                t0 = time.perf_counter()
+                extra = ({"ref_cache_dir": str(Path(tmp) / f"cache_{name}")}
+                         if who == "dropin" and cfg.get("precompute_ref_log_probs") else {})
+                runs[who] = run_trl(model_dir, order.rows, dropin=who == "dropin", **common,
+                                    **extra)
+                runs[who]["loadavg_1min_after"] = os.getloadavg()[0]
+                log(f"{name} {who}: {time.perf_counter() - t0:.0f} s")
+            results[name] = {"trl": runs["trl"], "dpo_fast": runs["dropin"],
+                             "comparison": compare(runs["trl"], runs["dropin"],
+                                                   loss_rtol=loss_rtol)}
+    return results
+
+
 def _fast_key(name: str) -> str:
     """The dpo_fast run a config compares with: its settings other than TRL's reference
     handling."""
@@ -738,7 +824,7 @@ def _summary_rows(results: Dict[str, Any], configs: Sequence[str]) -> List[List[
         reward_diff = max(c["max_diff"][m] for m in COMPARED[1:5])
         logps_diff = max(c["max_diff"][m] for m in COMPARED[5:])
         tok_t, tok_f = _tokens_per_s(t), _tokens_per_s(f)
-        out.append([name, "yes" if c["same_ids"] and c["same_order"] else "NO",
+        out.append([name, "yes" if c["same_ids"] and c["same_order"] in (True, None) else "NO",
                     f"{t['steps'][0]['loss']:.7f} -> {t['steps'][-1]['loss']:.5f}",
                     f"{c['max_diff']['loss']:.2e}", f"{reward_diff:.2e}", f"{logps_diff:.2e}",
                     f"{c['max_diff']['grad_norm']:.2e}",
@@ -780,9 +866,14 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=sorted(set(CONFIGS) | set(DROPIN_CONFIGS)),
+                   help=f"default: {list(CONFIGS)}, with --dropin {list(DROPIN_CONFIGS)}")
+    p.add_argument("--dropin", action="store_true",
+                   help="TRL's DPOTrainer vs dpo_fast.trl's (one changed import) instead of "
+                        "vs dpo-fast train")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--name", default="trl_parity")
+    p.add_argument("--name", default=None, help="results name (default trl_parity, with "
+                   "--dropin trl_dropin_parity)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every training in this process (faster; no RSS readings)")
     # worker-only arguments
@@ -803,17 +894,28 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    table = DROPIN_CONFIGS if args.dropin else CONFIGS
+    args.configs = args.configs or list(table)
+    unknown = [c for c in args.configs if c not in table]
+    if unknown:
+        p.error(f"--configs {unknown}: not among {list(table)}"
+                + (" (--dropin)" if args.dropin else ""))
+    args.name = args.name or ("trl_dropin_parity" if args.dropin else "trl_parity")
+    other = "dpo_fast.trl" if args.dropin else "dpo_fast"
     model_dir, rows = load_assets()
     t0 = time.perf_counter()
-    results = run_comparison(model_dir, rows, args.configs, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, beta=args.beta,
-                             max_length=args.max_length, seed=args.seed,
-                             gradient_checkpointing=args.gradient_checkpointing,
-                             isolate=not args.no_isolate, threads=args.threads)
+    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                  max_length=args.max_length, seed=args.seed,
+                  gradient_checkpointing=args.gradient_checkpointing)
+    if args.dropin:
+        results = run_dropin_comparison(model_dir, rows, args.configs, **common)
+    else:
+        results = run_comparison(model_dir, rows, args.configs, **common,
+                                 isolate=not args.no_isolate, threads=args.threads)
     wall = time.perf_counter() - t0
     for name in args.configs:
         c = results[name]["comparison"]
-        print(f"\n== {name} ({CONFIGS[name]})")
+        print(f"\n== {name} ({table[name]})")
         print(_step_table(results[name]), end="")
         print(f"max |loss diff| {c['max_diff']['loss']:.3e}; max |metric diff| "
               + ", ".join(f"{m} {c['max_diff'][m]:.3e}" for m in COMPARED[1:] + INFO))
@@ -824,10 +926,16 @@ def main() -> None:
     tf_version = __import__("transformers").__version__
     headers = ["config", "same ids + order", "TRL loss step 1 -> last", "max |dloss|",
                "max |d reward metric|", "max |d logps|", "max |d grad_norm| (info)",
-               "median step s TRL / dpo_fast", "tokens/s TRL / dpo_fast",
-               "peak RSS MiB TRL / dpo_fast", "precompute s (pairs) TRL / dpo_fast",
-               "load avg after TRL / dpo_fast", "parity"]
-    md = (f"# dpo_fast vs TRL {trl_version} DPOTrainer: step-by-step parity ({info['date']})\n\n"
+               f"median step s TRL / {other}", f"tokens/s TRL / {other}",
+               f"peak RSS MiB TRL / {other}", f"precompute s (pairs) TRL / {other}",
+               f"load avg after TRL / {other}", "parity"]
+    what = ("TRL's DPOTrainer and dpo_fast.trl's drop-in DPOTrainer, each on TRL's data "
+            "preparation and collator (padding_free: the drop-in packs), in one process; "
+            "configs: " + "; ".join(f"{n} {table[n]}" for n in args.configs) + ".\n"
+            if args.dropin else
+            "dpo_fast runs once per loss type and modifier (sigmoid_precompute reuses "
+            "sigmoid's run: dpo_fast always uses its reference cache).\n")
+    md = (f"# {other} vs TRL {trl_version} DPOTrainer: step-by-step parity ({info['date']})\n\n"
           f"SmolLM2-135M-Instruct fp32, Rotten Tomatoes train pairs, {args.steps} steps x "
           f"{args.batch_size} pairs in dpo_fast's order (TRL: the same rows, SequentialSampler),"
           f" max_length {args.max_length}, beta {args.beta}, lr {args.lr} (AdamW, linear decay,"
@@ -840,9 +948,7 @@ def main() -> None:
           "tokens = prompt + response of chosen and rejected, no padding; peak RSS = VmHWM "
           "from the start of the loop (each run in its own process); the 1-minute load "
           f"average after each run shows whether other work shared the {os.cpu_count()} "
-          "cores. dpo_fast runs once per "
-          "loss type (sigmoid_precompute reuses sigmoid's run: dpo_fast always uses its "
-          "reference cache).\n\n"
+          "cores. " + what + "\n"
           + harness.md_table(headers, _summary_rows(results, args.configs)))
     for name in args.configs:
         md += f"\n## {name}\n\n" + _step_table(results[name])

@@ -135,36 +135,13 @@ DPO_CLONES float map_row_max(float* z, int64_t w, RowMap mp) {
   return hmax(m);
 }
 
-// Sums of e = exp(z - ref) and of e * (z - ref) over one row (the second only if want_u).
-DPO_CLONES void exp_sums(const float* z, int64_t w, float ref, bool want_u, float* s_out,
-                         float* u_out) {
-  vf s = vbcast(0.0f), u = vbcast(0.0f);
-  const vf r = vbcast(ref);
-  int64_t i = 0;
-  for (; i + kLanes <= w; i += kLanes) {
-    vf d = vload(z + i) - r;
-    vf e = vexp(d);
-    s += e;
-    if (want_u) u += e * d;
-  }
-  if (i < w) {
-    int64_t n = w - i;
-    vi live = lane_ids() < (int32_t)n;
-    vf d = vload_tail(z + i, n, 0.0f) - r;
-    vf e = vexp(d);
-    e = live ? e : vbcast(0.0f);
-    d = live ? d : vbcast(0.0f);
-    s += e;
-    if (want_u) u += e * d;
-  }
-  *s_out = hsum(s);
-  *u_out = want_u ? hsum(u) : 0.0f;
-}
-
-// As exp_sums, plus q = sum e^2 = sum exp(2 (z - ref)) (for log sum p^2). A separate
-// function, so the forward without log_sum_sq runs exp_sums unchanged.
-DPO_CLONES void exp_sums_sq(const float* z, int64_t w, float ref, bool want_u, float* s_out,
-                            float* u_out, float* q_out) {
+// Sums over one row of e = exp(z - ref), of e * (z - ref) (if want_u) and of e^2 =
+// exp(2 (z - ref)) (kWantQ: log sum p^2). One body for both entry points below; the one
+// without q compiles to the loop it always was.
+template <bool kWantQ>
+__attribute__((always_inline)) inline void exp_sums_body(const float* z, int64_t w, float ref,
+                                                         bool want_u, float* s_out,
+                                                         float* u_out, float* q_out) {
   vf s = vbcast(0.0f), u = vbcast(0.0f), q = vbcast(0.0f);
   const vf r = vbcast(ref);
   int64_t i = 0;
@@ -172,7 +149,7 @@ DPO_CLONES void exp_sums_sq(const float* z, int64_t w, float ref, bool want_u, f
     vf d = vload(z + i) - r;
     vf e = vexp(d);
     s += e;
-    q += e * e;
+    if (kWantQ) q += e * e;
     if (want_u) u += e * d;
   }
   if (i < w) {
@@ -183,12 +160,23 @@ DPO_CLONES void exp_sums_sq(const float* z, int64_t w, float ref, bool want_u, f
     e = live ? e : vbcast(0.0f);
     d = live ? d : vbcast(0.0f);
     s += e;
-    q += e * e;
+    if (kWantQ) q += e * e;
     if (want_u) u += e * d;
   }
   *s_out = hsum(s);
   *u_out = want_u ? hsum(u) : 0.0f;
-  *q_out = hsum(q);
+  if (kWantQ) *q_out = hsum(q);
+}
+
+DPO_CLONES void exp_sums(const float* z, int64_t w, float ref, bool want_u, float* s_out,
+                         float* u_out) {
+  exp_sums_body<false>(z, w, ref, want_u, s_out, u_out, nullptr);
+}
+
+// As exp_sums, plus q = sum exp(2 (z - ref)).
+DPO_CLONES void exp_sums_sq(const float* z, int64_t w, float ref, bool want_u, float* s_out,
+                            float* u_out, float* q_out) {
+  exp_sums_body<true>(z, w, ref, want_u, s_out, u_out, q_out);
 }
 
 struct RowGrad {
