@@ -5,9 +5,15 @@ Marked ``slow`` (about 3 minutes on 2 cores); CI runs it, and under CI a missing
 One run of 20 steps x 8 pairs (fp32, AdamW lr 5e-5, beta 0.1, packed micro-batches), held-out
 split of 64 pairs from other movies. What it proves:
 
-- step 1's loss is ln 2 within 1e-6 (the reference cache holds the initial policy's values);
+- step 1's loss and the held-out loss before training are ln 2 within fp32 noise, and the
+  held-out margin is ~0 (the reference cache holds the initial policy's values: the log-ratio
+  differences h are the rounding differences of two computations of the same sums of ~60
+  token log-probs in other batch layouts, |h| ~ 1e-5, which moves sigmoid's loss by
+  beta |h| / 2; bounded as tests/test_trl_parity.py bounds it, 1e-5 relative to max(1, loss),
+  and |margin| = beta |h| <= 1e-4);
 - the training loss falls;
-- held-out implicit-reward accuracy rises from ~0 (ties) to above 0.5, with a positive margin;
+- held-out implicit-reward accuracy rises to above 0.5, with a positive margin (before
+  training the accuracy is the sign of rounding noise, so it is not asserted);
 - no reference model is alive during the loop, and the attention path is the packed one.
 """
 
@@ -71,8 +77,9 @@ def run(tmp_path_factory):
 def test_step_one_is_ln2(run):
     res, steps, _ = run
     assert steps[0]["step"] == 1
-    assert abs(steps[0]["loss"] - math.log(2.0)) <= 1e-6, steps[0]["loss"]
-    assert abs(res.eval_before["eval/loss"] - math.log(2.0)) <= 1e-6
+    assert abs(steps[0]["loss"] - math.log(2.0)) <= 1e-5, steps[0]["loss"]
+    assert abs(res.eval_before["eval/loss"] - math.log(2.0)) <= 1e-5, res.eval_before
+    assert abs(res.eval_before["eval/rewards/margins"]) <= 1e-4, res.eval_before
 
 
 def test_training_loss_falls_and_held_out_accuracy_rises(run):
@@ -82,7 +89,6 @@ def test_training_loss_falls_and_held_out_accuracy_rises(run):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.02, losses
     assert res.eval_after["eval/loss"] < res.eval_before["eval/loss"]
-    assert res.eval_before["eval/rewards/accuracies"] < 0.5
     assert res.eval_after["eval/rewards/accuracies"] > 0.5
     assert res.eval_after["eval/rewards/margins"] > 0
 
