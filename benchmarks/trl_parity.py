@@ -947,7 +947,10 @@ def main() -> None:
           "reward accuracy at steps where TRL's rewards are exactly 0 (ties) is not compared.\n"
           "Step time = wall time between the ends of consecutive steps (median of steps 2..); "
           "tokens = prompt + response of chosen and rejected, no padding; peak RSS = VmHWM "
-          "from the start of the loop (each run in its own process); the 1-minute load "
+          "from the start of the loop ("
+          + ("each run in its own process" if not (args.dropin or args.no_isolate) else
+             "the runs share one process, so a peak also holds what earlier runs left "
+             "resident") + "); the 1-minute load "
           f"average after each run shows whether other work shared the {os.cpu_count()} "
           "cores. " + what + "\n"
           + harness.md_table(headers, _summary_rows(results, args.configs)))
